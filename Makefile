@@ -1,0 +1,34 @@
+# make train: set up .venv, tokenize the bundled corpus, train the quickstart model (CPU is fine)
+# make test:  set up .venv with the test dependencies and run the whole suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SHAKESPEARE_TOKENS := data/shakespeare_tokens
+
+.PHONY: train data test venv clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(SHAKESPEARE_TOKENS)/manifest.json: $(VENV)/.installed data/prepare.py data/tokenizer.py
+	$(PY) data/prepare.py --source data/shakespeare --out $(SHAKESPEARE_TOKENS) --val_tokens 100000
+
+data: $(SHAKESPEARE_TOKENS)/manifest.json
+
+train: data
+	$(PY) train.py configs/shakespeare.py
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(SHAKESPEARE_TOKENS) out

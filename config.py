@@ -1,0 +1,178 @@
+"""Training configuration: one dataclass holds every key, its type, default and help line.
+
+    python train.py [CONFIG.py ...] [--key=value ...]
+
+Config files are plain `key = value` Python files, applied left to right; `--key=value` flags come
+after them. Unknown keys and values of the wrong type are refused with a message naming the key.
+Defaults are the GPT-2 124M FineWeb-Edu recipe (GPT-3 paper appendix, as build-nanogpt uses it).
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import re
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """A mistake in the user's configuration: reported as one message, no traceback."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # width of the residual stream
+    block_size: int = 1024  # context length in tokens
+    vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
+    dropout: float = 0.0  # dropout probability (0 for pretraining)
+    tie_embeddings: bool = True  # share the token embedding with lm_head, as GPT-2 does
+    # data
+    data_dir: str = "data/fineweb10B"  # folder of uint16 .npy shards and manifest.json (data/prepare.py)
+    shuffle: bool = True  # visit shards and windows in an order shuffled from the seed each epoch
+    # batch
+    batch_size: int = 64  # sequences per micro-step per process
+    total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro-steps (2**19)
+    # optimizer and schedule
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    max_steps: int = 19073  # optimizer steps; 19073 * 2**19 tokens is one pass over 10B tokens
+    warmup_steps: int = 715  # linear warmup steps before the cosine decay
+    learning_rate: float = 6e-4  # peak learning rate (AdamW)
+    min_lr: float = 6e-5  # learning rate reached at max_steps and kept after
+    weight_decay: float = 0.1  # AdamW weight decay on matmul and embedding weights only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
+    # evaluation and sampling
+    eval_interval: int = 250  # steps between val loss evaluations, samples and checkpoints
+    eval_iters: int = 20  # val micro-batches of batch_size sequences per evaluation (whatever the world size)
+    sample_tokens: int = 32  # tokens generated for the sample at each evaluation (0 disables)
+    sample_prompt: str = "Hello, I'm a language model,"  # prompt of the sample at each evaluation
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337  # seed for model init, data order and sampling
+    out_dir: str = "out"  # folder for config.json, metrics.jsonl and checkpoints
+    log_interval: int = 1  # steps between log lines
+    # tracking
+    wandb_mode: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
+    wandb_project: str = "gpt2-pretrain"  # W&B project name
+    wandb_run_name: str = ""  # W&B run name (empty: W&B picks one)
+
+
+CHOICES = {
+    "optimizer": ("adamw", "muon"),
+    "wandb_mode": ("auto", "online", "offline", "disabled"),
+}
+
+
+def field_help():
+    """Map each key to the comment written beside it in TrainConfig's source."""
+    source = inspect.getsource(TrainConfig)
+    found = re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", source, flags=re.MULTILINE)
+    return dict(found)
+
+
+def help_text():
+    helps = field_help()
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]", "", "keys (default):"]
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{f.name}={f.default!r:<24} {helps.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _unknown_key(key, source):
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run `python train.py --help` to list the keys."
+    return ConfigError(f"unknown config key '{key}' in {source}.{hint}")
+
+
+def _convert(key, value, target, source):
+    """Coerce `value` (a Python object, or a string from the command line) to the field's type."""
+    if isinstance(value, str) and target is not str:
+        text = value.strip()
+        if target is bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return text.lower() in ("true", "1", "yes")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            pass
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if target is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # allow 1e8 for an integer key
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key '{key}' in {source} expects {target.__name__}, got {value!r} "
+            f"({type(value).__name__})."
+        )
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key '{key}' in {source} must be one of {', '.join(CHOICES[key])}; got {value!r}.")
+    return value
+
+
+def read_config_file(path):
+    """Run a `key = value` config file in its own namespace and return the values it set."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found. Config files live in configs/, e.g. configs/shakespeare.py.")
+    namespace = {}
+    with open(path) as f:
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:
+        raise ConfigError(f"config file '{path}' could not be read: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not inspect.ismodule(v)}
+
+
+def load_config(argv):
+    """Build a TrainConfig from config files, then --key=value flags, in the order given."""
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            source = f"flag '{arg}'"
+            if not eq:
+                if types.get(key) is not bool:
+                    raise ConfigError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
+                value = "true"
+            updates = {key.replace("-", "_"): value}
+        else:
+            source = f"config file '{arg}'"
+            updates = read_config_file(arg)
+        for key, value in updates.items():
+            if key not in types:
+                raise _unknown_key(key, source)
+            values[key] = _convert(key, value, types[key], source)
+    config = TrainConfig(**values)
+    check_config(config)
+    return config
+
+
+def check_config(config):
+    positive = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
+                "max_steps", "eval_interval", "log_interval"]
+    for key in positive:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
+    if config.n_embd % config.n_head:
+        raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
+    if config.warmup_steps < 0 or config.eval_iters < 0:
+        raise ConfigError("warmup_steps and eval_iters must not be negative.")
+    if config.min_lr > config.learning_rate:
+        raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
+
+
+def config_to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path):
+    with open(path, "w") as f:
+        json.dump(config_to_dict(config), f, indent=2)

@@ -1,0 +1,130 @@
+"""Memory-mapped, rank-aware, resumable batches of token windows from uint16 .npy shards.
+
+The training stream is a sequence of windows of block_size + 1 tokens (x = window[:-1], y = window[1:]).
+Each epoch visits the shards, and the windows inside each shard, in an order shuffled from the seed.
+A call to next_batch() consumes batch_size * world_size consecutive windows of that stream and rank r
+takes its own batch_size of them, so the windows of optimizer step s are the same set whatever the world
+size and the micro-batch size. The position in the stream is the whole state.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+
+
+class DataError(Exception):
+    """Missing, truncated or mismatched data: reported to the user as one message."""
+
+
+def read_manifest(data_dir):
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise DataError(
+            f"no manifest.json in '{data_dir}': the data has not been prepared. Make it with\n"
+            f"  python data/prepare.py --source SOURCE --out {data_dir}\n"
+            f"(for the quickstart corpus: make data; for FineWeb-Edu 10B see the README)."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_shard(data_dir, shard):
+    """Memory-map one shard and check that its length matches the manifest."""
+    path = os.path.join(data_dir, shard["name"])
+    if not os.path.isfile(path):
+        raise DataError(f"shard '{path}' listed in manifest.json is missing: re-run data/prepare.py.")
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise DataError(f"shard '{path}' is unreadable ({e}): re-run data/prepare.py.") from None
+    if tokens.dtype != np.uint16 or tokens.ndim != 1 or tokens.size != shard["tokens"]:
+        raise DataError(
+            f"shard '{path}' holds {tokens.size} {tokens.dtype} tokens, manifest.json says {shard['tokens']} "
+            f"uint16: it is truncated or from another run; re-run data/prepare.py."
+        )
+    return tokens
+
+
+class DataLoader:
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
+                 shuffle=True, device="cpu"):
+        manifest = read_manifest(data_dir)
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        if not shards:
+            raise DataError(f"no '{split}' shards in '{data_dir}/manifest.json': re-run data/prepare.py.")
+        self.tokens = [open_shard(data_dir, s) for s in shards]
+        self.names = [s["name"] for s in shards]
+        self.batch_size, self.block_size = batch_size, block_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.device = torch.device(device)
+        # windows never cross a shard boundary; a shard's last partial window is dropped
+        self.windows_per_shard = [(t.size - 1) // block_size for t in self.tokens]
+        self.windows_per_epoch = sum(self.windows_per_shard)
+        if self.windows_per_epoch == 0:
+            longest = max(t.size for t in self.tokens)
+            raise DataError(
+                f"block_size {block_size} is longer than the '{split}' data in '{data_dir}' (longest shard: "
+                f"{longest} tokens): lower --block_size or prepare more data."
+            )
+        self.position = 0  # index of the next window in the endless stream of epochs
+        self._order_cache = {}
+        self._perm_cache = {}
+
+    def _epoch_order(self, epoch):
+        """Shard order and cumulative window counts for one epoch."""
+        if epoch not in self._order_cache:
+            order = np.arange(len(self.tokens))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(order)
+            counts = np.array([self.windows_per_shard[i] for i in order])
+            self._order_cache = {epoch: (order, np.cumsum(counts))}
+        return self._order_cache[epoch]
+
+    def _window_start(self, index):
+        """Token offset and shard of window `index` of the stream."""
+        epoch, within = divmod(index, self.windows_per_epoch)
+        order, ends = self._epoch_order(epoch)
+        slot = int(np.searchsorted(ends, within, side="right"))
+        shard = int(order[slot])
+        window = within - (int(ends[slot - 1]) if slot else 0)
+        if self.shuffle:
+            window = int(self._window_order(epoch, shard)[window])
+        return shard, window * self.block_size
+
+    def _window_order(self, epoch, shard):
+        """A permutation of one shard's windows (int32: 0.4 MB for a 1e8-token shard), cached briefly."""
+        key = (epoch, shard)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) >= 4:
+                self._perm_cache.pop(next(iter(self._perm_cache)))
+            rng = np.random.default_rng([self.seed, epoch, shard])
+            self._perm_cache[key] = rng.permutation(self.windows_per_shard[shard]).astype(np.int32)
+        return self._perm_cache[key]
+
+    def next_batch(self):
+        """(x, y) of shape (batch_size, block_size), int64, on the device; this rank's part of the batch."""
+        first = self.position + self.rank * self.batch_size
+        rows = []
+        for index in range(first, first + self.batch_size):
+            shard, start = self._window_start(index)
+            rows.append(self.tokens[shard][start:start + self.block_size + 1])
+        self.position += self.batch_size * self.world_size
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+        x, y = buf[:, :-1], buf[:, 1:]
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.contiguous().to(self.device), y.contiguous().to(self.device)
+
+    def state_dict(self):
+        return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle, "shards": self.names,
+                "block_size": self.block_size}
+
+    def load_state_dict(self, state):
+        if state["shards"] != self.names or state["block_size"] != self.block_size:
+            raise DataError("the checkpoint's loader state is for other shards or another block_size: "
+                            "resume with the data and block_size the run started with.")
+        self.position = state["position"]
+

@@ -1,0 +1,88 @@
+"""Process-group setup and teardown in one place: rank, local rank, world size, device.
+
+Under torchrun (RANK and WORLD_SIZE set) this starts torch.distributed: NCCL with one GPU per process
+(chosen by LOCAL_RANK) on CUDA, gloo on CPU, so the same code path runs on a machine without GPUs.
+Without torchrun it is a single process and nothing is started.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    ddp: bool = False
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return "cuda" if self.device.startswith("cuda") else self.device.split(":")[0]
+
+
+def env_rank():
+    """This process's rank from torchrun's environment, before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def pick_device(requested, local_rank=0):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup_distributed(requested_device="auto", timeout_seconds=300):
+    """Start the process group when launched by torchrun; return who we are and where to compute."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(device=pick_device(requested_device))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds),
+                            device_id=torch.device(device) if backend == "nccl" else None)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, ddp=True)
+
+
+def teardown_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(tensor, info):
+    """Mean of a tensor over ranks (in place); a no-op for one process."""
+    if info.ddp:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= info.world_size
+    return tensor
+
+
+def all_reduce_sum(tensor, info):
+    if info.ddp:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(info):
+    if info.ddp:
+        dist.barrier()

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny model config and small token shards made in tmp_path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data.prepare import write_shard  # noqa: E402
+
+TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32"]
+
+
+def make_token_shards(data_dir, n_train_shards=2, train_tokens=6000, val_tokens=3000, seed=0):
+    """Shards of a learnable sequence (a noisy counting pattern over 64 ids) plus manifest.json."""
+    os.makedirs(data_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def tokens(n):
+        base = np.arange(n) % 64
+        noise = rng.integers(0, 64, n)
+        return np.where(rng.random(n) < 0.1, noise, base).astype(np.uint16)
+
+    shards = [dict(write_shard(data_dir, "tiny_val_000000.npy", tokens(val_tokens)), split="val")]
+    for i in range(n_train_shards):
+        shards.append(dict(write_shard(data_dir, f"tiny_train_{i + 1:06d}.npy", tokens(train_tokens)), split="train"))
+    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
+        json.dump({"source": "test", "tokenizer": "gpt2", "dtype": "uint16", "shards": shards}, f)
+    return data_dir
+
+
+@pytest.fixture
+def token_dir(tmp_path):
+    return make_token_shards(str(tmp_path / "tokens"))
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    """Flags for a fast CPU run of a tiny model."""
+    return TINY_MODEL + [
+        f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--wandb_mode=disabled",
+        "--batch_size=4", "--total_batch_size=256", "--max_steps=4", "--warmup_steps=2",
+        "--learning_rate=1e-3", "--min_lr=1e-4", "--eval_interval=2", "--eval_iters=2", "--sample_tokens=0",
+        *extra,
+    ]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_python(args, timeout=300, env=None):
+    """Run a command with the test interpreter from the repository root."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)

@@ -1,0 +1,67 @@
+import glob
+import os
+
+import pytest
+
+from config import ConfigError, TrainConfig, help_text, load_config
+from tests.conftest import ROOT, run_python
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+def test_every_config_file_parses(path):
+    config = load_config([path])
+    assert isinstance(config, TrainConfig)
+
+
+def test_defaults_are_the_gpt2_124m_recipe():
+    config = load_config([])
+    assert (config.max_steps, config.warmup_steps, config.learning_rate, config.min_lr) == (19073, 715, 6e-4, 6e-5)
+    assert (config.batch_size, config.block_size, config.total_batch_size, config.vocab_size) == (64, 1024, 2**19, 50304)
+    assert load_config([os.path.join(ROOT, "configs", "gpt2_124m.py")]).n_layer == 12
+
+
+def test_files_then_flags_left_to_right(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("batch_size = 8\nlearning_rate = 1e-3\n")
+    b.write_text("import math\nbatch_size = 16\ntotal_batch_size = 2**14\n")
+    config = load_config([str(a), str(b), "--learning_rate=3e-4", "--compile", "--max_steps=1e3"])
+    assert (config.batch_size, config.learning_rate, config.total_batch_size) == (16, 3e-4, 16384)
+    assert config.compile is True and config.max_steps == 1000
+
+
+def test_unknown_key_names_the_closest():
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'.*'learning_rate'"):
+        load_config(["--learning_rat=1e-3"])
+
+
+def test_wrong_type_names_key_type_and_value(tmp_path):
+    with pytest.raises(ConfigError, match="'batch_size'.*expects int.*'abc'"):
+        load_config(["--batch_size=abc"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("compile = 'yes please'\n")
+    with pytest.raises(ConfigError, match="'compile'.*expects bool"):
+        load_config([str(bad)])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(["configs/nope.py"])
+
+
+def test_help_lists_every_key_with_its_comment():
+    text = help_text()
+    for key in ("n_layer", "total_batch_size", "wandb_mode", "data_dir"):
+        assert f"--{key}=" in text
+    assert "tokens per optimizer step" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["configs/missing.py"], "config file 'configs/missing.py' not found"),
+    (["--batch_sise=8"], "Did you mean 'batch_size'"),
+    (["--max_steps=ten"], "expects int"),
+])
+def test_cli_errors_exit_nonzero_without_traceback(args, message):
+    result = run_python(["train.py", *args])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,77 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import train
+from tests.conftest import make_token_shards, read_metrics, run_python, tiny_args
+
+
+def final_weights(out_dir, step):
+    return torch.load(os.path.join(out_dir, f"ckpt_{step:06d}.pt"), weights_only=True)["model"]
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(token_dir, tmp_path):
+    """4 micro-batches of 2 sequences give the same loss, gradient norm and parameters as 1 batch of 8."""
+    runs = {}
+    for batch_size in (8, 2):
+        out = str(tmp_path / f"bs{batch_size}")
+        train.main(tiny_args(token_dir, out, f"--batch_size={batch_size}", "--max_steps=2", "--eval_interval=100"))
+        runs[batch_size] = (read_metrics(out), final_weights(out, 2))
+    (metrics_big, weights_big), (metrics_small, weights_small) = runs[8], runs[2]
+    steps_big = [m for m in metrics_big if "loss" in m]
+    steps_small = [m for m in metrics_small if "loss" in m]
+    assert len(steps_big) == len(steps_small) == 2
+    for a, b in zip(steps_big, steps_small):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
+    for name in weights_big:
+        torch.testing.assert_close(weights_big[name], weights_small[name], rtol=1e-4, atol=1e-6)
+
+
+def test_quickstart_smoke_run_loss_falls(token_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(tiny_args(token_dir, out, "--max_steps=30", "--eval_interval=15", "--warmup_steps=5",
+                         "--learning_rate=3e-3", "--sample_tokens=8"))
+    metrics = read_metrics(out)
+    steps = [m for m in metrics if "loss" in m]
+    assert set(steps[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_sec"}
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(val) == 3  # steps 0, 15, 30
+    assert steps[-1]["loss"] < steps[0]["loss"] - 2.0
+    assert val[-1] < val[0] - 2.0
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["max_steps"] == 30 and saved["n_embd"] == 32
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--total_batch_size=100"], "total_batch_size (100) must be a multiple of batch_size * block_size"),
+    (["--block_size=8192", "--total_batch_size=32768"], "block_size 8192 is longer than the 'train' data"),
+])
+def test_bad_runs_exit_with_one_clear_message(token_dir, tmp_path, extra, message):
+    result = run_python(["train.py", *tiny_args(token_dir, str(tmp_path / "out"), *extra)])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_data_dir_without_shards_says_how_to_make_them(tmp_path):
+    result = run_python(["train.py", f"--data_dir={tmp_path}/empty", "--wandb_mode=disabled", "--device=cpu"])
+    assert result.returncode == 2
+    assert "python data/prepare.py" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bare_train_py_points_to_fineweb_preparation(tmp_path):
+    result = run_python(["train.py", f"--out_dir={tmp_path}", "--wandb_mode=disabled", "--device=cpu"])
+    assert result.returncode == 2
+    assert "data/fineweb10B" in result.stderr and "fineweb-edu" in result.stderr.lower()
+
+
+def test_missing_shard_is_named(tmp_path):
+    data_dir = make_token_shards(str(tmp_path / "tokens"))
+    os.remove(os.path.join(data_dir, "tiny_train_000002.npy"))
+    result = run_python(["train.py", *tiny_args(data_dir, str(tmp_path / "out"))])
+    assert result.returncode == 2
+    assert "tiny_train_000002.npy" in result.stderr and "missing" in result.stderr

@@ -1,0 +1,211 @@
+"""Pretrain a GPT-2-class model. Reads top to bottom: config -> data -> model -> optimizer -> loop.
+
+    python train.py configs/shakespeare.py                      # the CPU quickstart
+    python train.py configs/gpt2_124m.py --batch_size=32         # GPT-2 124M on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m.py
+    python train.py --help                                       # every key, its default and help
+"""
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import atomic_save, clean_state_dict
+from config import ConfigError, config_to_dict, help_text, load_config, save_config
+from configure_optimizers import configure_adamw, get_lr, set_lr
+from data.loader import DataError, DataLoader
+from data.tokenizer import decode, encode
+from distributed import all_reduce_mean, all_reduce_sum, env_rank, setup_distributed, teardown_distributed
+from logger import Logger
+from model import GPT, GPTConfig
+
+
+def grad_accum_steps_for(config, world_size):
+    """Micro-steps per optimizer step; refuses batch arithmetic that doesn't divide."""
+    tokens_per_micro_step = config.batch_size * config.block_size * world_size
+    if config.total_batch_size % tokens_per_micro_step:
+        raise ConfigError(
+            f"total_batch_size ({config.total_batch_size}) must be a multiple of batch_size * block_size * "
+            f"world_size = {config.batch_size} * {config.block_size} * {world_size} = {tokens_per_micro_step}. "
+            f"Change --total_batch_size, --batch_size or the number of processes."
+        )
+    return config.total_batch_size // tokens_per_micro_step
+
+
+def model_config(config):
+    return GPTConfig(block_size=config.block_size, vocab_size=config.vocab_size, n_layer=config.n_layer,
+                     n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                     tie_embeddings=config.tie_embeddings)
+
+
+def make_optimizers(config, model, device_type, log):
+    """A list of optimizers; each param group carries 'initial_lr', which the schedule scales."""
+    adamw = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                            device_type=device_type, log=log)
+    return [adamw]
+
+
+def autocast_context(device_type):
+    """bf16 autocast on GPUs; plain float32 on CPU, where bf16 matmuls are slow and inexact."""
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, val_loader, config, info):
+    """Mean val loss over the same eval_iters * batch_size windows whatever the world size."""
+    model.eval()
+    windows = min(config.eval_iters * config.batch_size, val_loader.windows_per_epoch)
+    per_call = config.batch_size * info.world_size
+    val_loader.position = 0
+    loss_sum = torch.zeros((), device=info.device, dtype=torch.float64)
+    for call in range((windows + per_call - 1) // per_call):
+        x, y = val_loader.next_batch()
+        first = call * per_call + info.rank * config.batch_size
+        valid = max(0, min(config.batch_size, windows - first))
+        if valid == 0:
+            continue
+        y[valid:] = -1  # windows past the fixed set: ignored by the loss, same shapes for torch.compile
+        with autocast_context(info.device_type):
+            _, loss = model(x, y)
+        loss_sum += loss.double() * valid * config.block_size
+    all_reduce_sum(loss_sum, info)
+    model.train()
+    return (loss_sum / (windows * config.block_size)).item()
+
+
+def generate_sample(model, config, device, step):
+    prompt = torch.tensor([encode(config.sample_prompt or "\n")], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed + step)
+    with autocast_context(torch.device(device).type):
+        out = model.generate(prompt, config.sample_tokens, temperature=1.0, top_k=50, generator=generator)
+    return decode(out[0].tolist())
+
+
+def save_checkpoint(config, raw_model, optimizers, train_loader, step, val_loss):
+    checkpoint = {
+        "model": clean_state_dict(raw_model),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "step": step,
+        "config": config_to_dict(config),
+        "loader": train_loader.state_dict(),
+        "val_loss": val_loss,
+    }
+    path = os.path.join(config.out_dir, f"ckpt_{step:06d}.pt")
+    atomic_save(checkpoint, path)
+    return path
+
+
+def train(config, info):
+    grad_accum_steps = grad_accum_steps_for(config, info.world_size)
+    device_type = info.device_type
+    log = print if info.is_master else (lambda *args, **kwargs: None)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+
+    # data
+    loader_args = dict(batch_size=config.batch_size, block_size=config.block_size, rank=info.rank,
+                       world_size=info.world_size, seed=config.seed, device=info.device)
+    train_loader = DataLoader(config.data_dir, "train", shuffle=config.shuffle, **loader_args)
+    val_loader = DataLoader(config.data_dir, "val", shuffle=False, **loader_args)
+
+    # model: the same initial weights on every rank
+    torch.manual_seed(config.seed)
+    raw_model = GPT(model_config(config)).to(info.device)
+    model = torch.compile(raw_model) if config.compile else raw_model
+    eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
+    if info.ddp:
+        model = DDP(model, device_ids=[info.local_rank] if device_type == "cuda" else None)
+    optimizers = make_optimizers(config, raw_model, device_type, log)
+
+    if info.is_master:
+        os.makedirs(config.out_dir, exist_ok=True)
+        save_config(config, os.path.join(config.out_dir, "config.json"))
+    logger = Logger(config.out_dir, enabled=info.is_master, wandb_mode=config.wandb_mode,
+                    wandb_project=config.wandb_project, wandb_run_name=config.wandb_run_name,
+                    config=config_to_dict(config))
+    logger.print(f"config: {config_to_dict(config)}")
+    logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
+                 f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
+
+    val_loss = None
+    for step in range(0, config.max_steps + 1):
+        last_step = step == config.max_steps
+        if config.eval_iters > 0 and (step % config.eval_interval == 0 or last_step):
+            val_loss = evaluate(eval_model, val_loader, config, info)
+            logger.print(f"step {step:5d} | val loss {val_loss:.4f}")
+            logger.log({"step": step, "val_loss": val_loss})
+            if info.is_master and config.sample_tokens > 0:
+                logger.log_sample(step, generate_sample(raw_model, config, info.device, step))
+            if info.is_master and step > 0:
+                path = save_checkpoint(config, raw_model, optimizers, train_loader, step, val_loss)
+                logger.print(f"saved checkpoint {path}")
+        if last_step:
+            break
+
+        t0 = time.time()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=info.device)
+        for micro_step in range(grad_accum_steps):
+            x, y = train_loader.next_batch()
+            if info.ddp:
+                # only sync gradients on the last micro-step; earlier ones just accumulate locally
+                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            with autocast_context(device_type):
+                _, loss = model(x, y)
+            # scale the loss: each backward() adds into .grad, and we want the mean over micro-steps
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
+        all_reduce_mean(loss_accum, info)
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)  # pre-clip norm
+        lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
+        set_lr(optimizers, lr / config.learning_rate)
+        for optimizer in optimizers:
+            optimizer.step()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        if step % config.log_interval == 0 or step == config.max_steps - 1:
+            logger.log({"step": step, "loss": loss_accum.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                        "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt})
+    logger.finish()
+    return val_loss
+
+
+def fail(message):
+    """A user's mistake: one message (from rank 0 only under torchrun), no traceback, exit code 2."""
+    if env_rank() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    try:
+        config = load_config(argv)
+        grad_accum_steps_for(config, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        fail(e)
+    info = setup_distributed(config.device)
+    try:
+        train(config, info)
+    except (ConfigError, DataError) as e:
+        fail(e)
+    finally:
+        teardown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
