@@ -177,7 +177,7 @@ def train(config, info):
             logger.log({"step": step, "loss": loss_accum.item(), "lr": lr, "grad_norm": grad_norm.item(),
                         "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt})
     logger.finish()
-    return val_loss
+    return raw_model
 
 
 def fail(message):

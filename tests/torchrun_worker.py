@@ -1,0 +1,49 @@
+"""Run train.train() under torchrun, then save this rank's parameters to out_dir/rank{R}.pt (for tests).
+
+TEST_FAIL_RANK=R with TEST_FAIL_MODE=raise|kill makes rank R raise, or SIGKILL itself, on its third
+batch, to check that one failing rank ends the whole job.
+"""
+
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from config import load_config  # noqa: E402
+from data.loader import DataLoader  # noqa: E402
+from distributed import setup_distributed, teardown_distributed  # noqa: E402
+
+
+def fail_after(calls, mode):
+    original = DataLoader.next_batch
+    counter = {"calls": 0}
+
+    def next_batch(self):
+        counter["calls"] += 1
+        if counter["calls"] > calls:
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("injected failure on this rank")
+        return original(self)
+
+    DataLoader.next_batch = next_batch
+
+
+def main():
+    config = load_config(sys.argv[1:])
+    info = setup_distributed(config.device)
+    if info.rank == int(os.environ.get("TEST_FAIL_RANK", "-1")):
+        fail_after(2, os.environ.get("TEST_FAIL_MODE", "raise"))
+    try:
+        model = train.train(config, info)
+        torch.save(model.state_dict(), os.path.join(config.out_dir, f"rank{info.rank}.pt"))
+    finally:
+        teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
