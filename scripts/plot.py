@@ -22,7 +22,8 @@ def read_run(path):
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found: pass a run's metrics.jsonl (train.py writes it in out_dir).")
+        print(f"error: {path} not found: pass a run's metrics.jsonl (train.py writes it in out_dir).", file=sys.stderr)
+        raise SystemExit(2)
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     folder = os.path.dirname(os.path.abspath(path))
@@ -56,7 +57,9 @@ def plot_runs(paths, out):
             loss_tokens.plot([s * tokens_per_step for s in val_steps], val_loss, "o-", color=color, markersize=3,
                              label=f"{label} val")
         for axis, key in ((norm, "grad_norm"), (lr, "lr"), (throughput, "tokens_per_sec"), (mfu, "mfu")):
-            axis.plot(*series(records, key), color=color, linewidth=1, label=label)
+            x, y = series(records, key)
+            if x:  # mfu is null on CPU: leave the panel saying n/a
+                axis.plot(x, y, color=color, linewidth=1, label=label)
     titles = [(loss_steps, "loss", "step"), (loss_tokens, "loss", "tokens"), (norm, "gradient norm (pre-clip)", "step"),
               (lr, "learning rate", "step"), (throughput, "tokens/s", "step"), (mfu, "MFU (GPU only)", "step")]
     for axis, title, xlabel in titles:
