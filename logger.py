@@ -10,6 +10,8 @@ import netrc
 import os
 from urllib.parse import urlsplit
 
+from config import ConfigError
+
 
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 
@@ -95,13 +97,27 @@ class Logger:
         os.makedirs(out_dir, exist_ok=True)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         mode = resolve_wandb_mode(wandb_mode)
-        if mode != "disabled":
-            import wandb
+        if mode == "disabled":
+            return
+        import wandb
 
-            run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, mode=mode,
-                             dir=out_dir, id=wandb_run_id, resume="allow" if wandb_run_id else None)
-            self.wandb = run
-            self.wandb_run_id = run.id
+        def start(mode):
+            # resume="allow": continue the stored run id when there is one, else start that id afresh
+            return wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, mode=mode,
+                              dir=out_dir, id=wandb_run_id, resume="allow" if wandb_run_id else None)
+
+        try:
+            run = start(mode)
+        except Exception as e:  # wandb raises its own errors for a missing key, a bad key or no network
+            if mode != "online":
+                raise
+            if wandb_mode == "online":
+                raise ConfigError(f"W&B online mode could not start ({type(e).__name__}: {e}). Log in with "
+                                  f"`wandb login` or set WANDB_API_KEY, or use --wandb_mode=offline.") from None
+            self.print(f"W&B online mode could not start ({type(e).__name__}: {e}); logging offline instead")
+            run = start("offline")
+        self.wandb = run
+        self.wandb_run_id = run.id
 
     def print(self, *args, **kwargs):
         if self.enabled:

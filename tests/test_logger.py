@@ -153,3 +153,15 @@ def test_step_line_says_mfu_na_without_a_peak():
     metrics = {"step": 3, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "dt_ms": 12.0, "tokens_per_sec": 1000.0}
     assert format_line({**metrics, "mfu": None}).endswith("mfu n/a")
     assert format_line({**metrics, "mfu": 0.4567}).endswith("mfu 45.7%")
+
+
+def test_explicit_online_mode_without_a_login_is_one_clear_error(token_dir, tmp_path, monkeypatch, wandb_env, capsys):
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(token_dir, str(tmp_path / "run"), "--wandb_mode=online"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "error: W&B online mode could not start" in error and "wandb login" in error
