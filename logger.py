@@ -69,7 +69,7 @@ def wandb_logged_in():
 
 
 def resolve_wandb_mode(mode):
-    """auto: WANDB_MODE if the user set it, else online when logged in, else offline: no run fails for lack of an account."""
+    """auto: WANDB_MODE if set, else online when logged in, else offline: no run fails for lack of an account."""
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):

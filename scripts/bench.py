@@ -54,7 +54,8 @@ def bench(config, steps, warmup):
             with autocast_context(device_type):
                 _, loss = model(x, y)
             (loss / grad_accum_steps).backward()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip if config.grad_clip > 0 else 1e9)
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
         for optimizer in optimizers:
             optimizer.step()
         if device_type == "cuda":
