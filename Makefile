@@ -26,6 +26,7 @@ data: $(SHAKESPEARE_TOKENS)/manifest.json
 
 train: data
 	$(PY) train.py configs/shakespeare.py
+	$(PY) scripts/plot.py out/shakespeare/metrics.jsonl --out out/shakespeare/loss.png
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests

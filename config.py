@@ -62,6 +62,8 @@ class TrainConfig:
     wandb_mode: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
     wandb_project: str = "gpt2-pretrain"  # W&B project name
     wandb_run_name: str = ""  # W&B run name (empty: W&B picks one)
+    peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: look up the GPU's dense bf16 peak)
+    dry_run: bool = False  # print the resolved config and what follows from it, then exit without training
 
 
 CHOICES = {
@@ -165,6 +167,8 @@ def check_config(config):
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
     if config.warmup_steps < 0 or config.eval_iters < 0:
         raise ConfigError("warmup_steps and eval_iters must not be negative.")
+    if config.peak_flops < 0:
+        raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
 

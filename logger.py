@@ -3,29 +3,86 @@
 Other ranks get a logger whose methods do nothing, so the training loop never asks who it is.
 """
 
+import configparser
 import json
 import math
+import netrc
 import os
+from urllib.parse import urlsplit
+
+from config import ConfigError
+
+
+DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+
+
+def _wandb_settings_files():
+    """wandb's global settings file (WANDB_CONFIG_DIR or ~/.config/wandb) and the workspace one (./wandb)."""
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+    return [os.path.join(config_dir, "settings"), os.path.join("wandb", "settings")]
+
+
+def _wandb_settings():
+    values = {}
+    for path in _wandb_settings_files():  # the workspace file overrides the global one, as in wandb
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except (configparser.Error, OSError):
+            continue
+        if parser.has_section("default"):
+            values.update(parser["default"])
+    return values
+
+
+def _netrc_path():
+    """The file `wandb login` writes: $NETRC, else ~/.netrc, else ~/_netrc (Windows)."""
+    if os.environ.get("NETRC"):
+        return os.path.expanduser(os.environ["NETRC"])
+    for name in (".netrc", "_netrc"):
+        path = os.path.join(os.path.expanduser("~"), name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def wandb_logged_in():
+    """Whether wandb would find credentials, looked up where wandb looks (no network, no wandb import).
+
+    An API key or identity token file in the environment; a netrc entry with a password for the W&B
+    host (WANDB_BASE_URL, else base_url in wandb's settings files, else api.wandb.ai); an api_key in
+    wandb's settings files.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    settings = _wandb_settings()
+    host = os.environ.get("WANDB_BASE_URL") or settings.get("base_url") or DEFAULT_WANDB_HOST
+    path = _netrc_path()
+    if path and os.path.isfile(path):
+        try:
+            entry = netrc.netrc(path).authenticators(urlsplit(host.rstrip("/")).netloc)
+        except (netrc.NetrcParseError, OSError):
+            entry = None
+        if entry and entry[2]:
+            return True
+    return bool(settings.get("api_key"))
 
 
 def resolve_wandb_mode(mode):
-    """auto: online when logged in (WANDB_API_KEY or a ~/.netrc entry), else offline: no run fails for lack of an account."""
+    """auto: WANDB_MODE if set, else online when logged in, else offline: no run fails for lack of an account."""
     if mode != "auto":
         return mode
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
-    if os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read():
-        return "online"
-    return "offline"
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    return "online" if wandb_logged_in() else "offline"
 
 
 def format_line(metrics):
     parts = [f"step {metrics['step']:5d}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.4e}",
              f"norm {metrics['grad_norm']:.4f}", f"dt {metrics['dt_ms']:.0f}ms",
              f"tok/s {metrics['tokens_per_sec']:,.0f}"]
-    if metrics.get("mfu") is not None:
-        parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+    if "mfu" in metrics:
+        parts.append("mfu n/a" if metrics["mfu"] is None else f"mfu {100 * metrics['mfu']:.1f}%")
     return " | ".join(parts)
 
 
@@ -40,13 +97,27 @@ class Logger:
         os.makedirs(out_dir, exist_ok=True)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         mode = resolve_wandb_mode(wandb_mode)
-        if mode != "disabled":
-            import wandb
+        if mode == "disabled":
+            return
+        import wandb
 
-            run = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, mode=mode,
-                             dir=out_dir, id=wandb_run_id, resume="allow" if wandb_run_id else None)
-            self.wandb = run
-            self.wandb_run_id = run.id
+        def start(mode):
+            # resume="allow": continue the stored run id when there is one, else start that id afresh
+            return wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, mode=mode,
+                              dir=out_dir, id=wandb_run_id, resume="allow" if wandb_run_id else None)
+
+        try:
+            run = start(mode)
+        except Exception as e:  # wandb raises its own errors for a missing key, a bad key or no network
+            if mode != "online":
+                raise
+            if wandb_mode == "online":
+                raise ConfigError(f"W&B online mode could not start ({type(e).__name__}: {e}). Log in with "
+                                  f"`wandb login` or set WANDB_API_KEY, or use --wandb_mode=offline.") from None
+            self.print(f"W&B online mode could not start ({type(e).__name__}: {e}); logging offline instead")
+            run = start("offline")
+        self.wandb = run
+        self.wandb_run_id = run.id
 
     def print(self, *args, **kwargs):
         if self.enabled:

@@ -21,6 +21,7 @@ from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
 from distributed import all_reduce_mean, all_reduce_sum, env_rank, setup_distributed, teardown_distributed
 from logger import Logger
+from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
 from model import GPT, GPTConfig
 
 
@@ -133,6 +134,7 @@ def train(config, info):
     logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
                  f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
 
+    per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     val_loss = None
     for step in range(0, config.max_steps + 1):
         last_step = step == config.max_steps
@@ -175,7 +177,8 @@ def train(config, info):
         dt = time.time() - t0
         if step % config.log_interval == 0 or step == config.max_steps - 1:
             logger.log({"step": step, "loss": loss_accum.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                        "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt})
+                        "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt,
+                        "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size)})
     logger.finish()
     return raw_model
 
@@ -194,9 +197,15 @@ def main(argv=None):
         return 0
     try:
         config = load_config(argv)
-        grad_accum_steps_for(config, int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        grad_accum_steps = grad_accum_steps_for(config, world_size)
     except ConfigError as e:
         fail(e)
+    if config.dry_run:
+        if env_rank() == 0:
+            print("\n".join([f"config: {config_to_dict(config)}",
+                             *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]))
+        return 0
     info = setup_distributed(config.device)
     try:
         train(config, info)

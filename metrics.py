@@ -1,0 +1,108 @@
+"""Throughput arithmetic: model FLOPs utilization (MFU) and the --dry_run report.
+
+MFU = achieved model FLOP/s / the device's dense bf16 peak, with training FLOPs per token
+6N + 12*n_layer*n_embd*block_size (model.flops_per_token, nanoGPT's convention, N excluding the
+position embedding as nanoGPT counts it). On CPU there is no honest peak, so MFU is None ("n/a").
+"""
+
+import torch
+
+from model import GPT, flops_per_token
+
+# dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets.
+# matched in order against torch.cuda.get_device_name(), so the more specific names come first.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+]
+
+
+def peak_flops_for(device_name, override=0.0):
+    """Peak FLOP/s of one device named like torch.cuda.get_device_name(); None when unknown."""
+    if override > 0:
+        return override
+    for name, peak in PEAK_FLOPS:
+        if name.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def device_peak_flops(device, override=0.0):
+    """Peak FLOP/s of `device` ("cuda:0", "cpu", ...); None on CPU/MPS or an unknown GPU unless overridden."""
+    if override > 0:
+        return override
+    if not str(device).startswith("cuda"):
+        return None
+    return peak_flops_for(torch.cuda.get_device_name(torch.device(device)))
+
+
+def model_flops_per_token(model):
+    """Training FLOPs per token of a GPT (forward + backward)."""
+    return flops_per_token(model.config, model.num_params(non_embedding=True))
+
+
+def mfu(flops_per_token_value, tokens_per_sec, peak_flops, world_size=1):
+    """Fraction of the peak reached by `tokens_per_sec` summed over `world_size` devices; None without a peak."""
+    if peak_flops is None:
+        return None
+    return flops_per_token_value * tokens_per_sec / (peak_flops * world_size)
+
+
+def format_mfu(value):
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def meta_model(gpt_config):
+    """The model built on the meta device: exact shapes and parameter counts, no memory, no time."""
+    with torch.device("meta"):
+        return GPT(gpt_config)
+
+
+def memory_estimate(config, n_params, bf16=True):
+    """Bytes of GPU memory per process: fp32 weights, gradients, optimizer state, activations of one micro-batch.
+
+    Activations follow Korthikanti et al. 2022 (34*B*T*C bytes per layer at 2 bytes a value, with flash
+    attention so no T*T scores are kept), plus the logits: bf16 logits, their fp32 copy and the
+    cross-entropy's fp32 softmax. A rough guide, not a promise: torch.compile usually needs less.
+    """
+    B, T, C, V = config.batch_size, config.block_size, config.n_embd, config.vocab_size
+    value_scale = 1 if bf16 else 2
+    # adamw keeps two fp32 moments per parameter; muon keeps one momentum on most, so this is an upper bound
+    return {
+        "weights": 4 * n_params,
+        "gradients": 4 * n_params,
+        "optimizer state": 8 * n_params,
+        "activations": value_scale * 34 * B * T * C * config.n_layer + B * T * V * ((2 if bf16 else 4) + 4 + 4),
+    }
+
+
+def gib(n_bytes):
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def dry_run_report(config, gpt_config, grad_accum_steps, world_size=1):
+    """The lines --dry_run prints: what the resolved config implies, without data, device or training."""
+    model = meta_model(gpt_config)
+    n_params = model.num_params()
+    per_token = model_flops_per_token(model)
+    tokens_per_step = config.total_batch_size
+    memory = memory_estimate(config, n_params)
+    lines = [
+        f"parameters: {n_params:,} ({model.num_params(non_embedding=True):,} without the position embedding)",
+        f"world size: {world_size} | grad_accum_steps: {grad_accum_steps} | "
+        f"micro-batch: {config.batch_size} x {config.block_size} tokens per process",
+        f"tokens per step: {tokens_per_step:,} | steps: {config.max_steps:,} | "
+        f"total tokens: {tokens_per_step * config.max_steps:,}",
+        f"FLOPs per token: {per_token:.4g} | FLOPs per step: {per_token * tokens_per_step:.4g} | "
+        f"total FLOPs: {per_token * tokens_per_step * config.max_steps:.4g}",
+        "GPU memory per process (estimate, bf16 autocast): "
+        + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
+        + f", total {gib(sum(memory.values()))}",
+    ]
+    for name in ("H100", "A100"):
+        seconds = per_token * tokens_per_step / (0.45 * peak_flops_for(name) * world_size)
+        lines.append(f"time per step at 45% MFU on {world_size}x {name}: {seconds:.3g} s "
+                     f"(whole run {seconds * config.max_steps / 3600:.3g} h)")
+    return lines

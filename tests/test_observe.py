@@ -1,0 +1,84 @@
+"""MFU against a hand count, --dry_run without data, scripts/plot.py and scripts/bench.py on tiny runs."""
+
+import os
+import re
+
+import pytest
+
+import train
+from metrics import device_peak_flops, meta_model, model_flops_per_token, mfu, peak_flops_for
+from model import GPT
+from tests.conftest import TINY_MODEL, read_metrics, run_python, tiny_args
+
+
+def hand_flops_per_token(n_layer, n_embd, block_size, vocab_size):
+    """6N + 12*L*C*T, with N counted by hand: token embedding, blocks and the final LayerNorm (no wpe)."""
+    per_block = (2 * 2 * n_embd  # two LayerNorms
+                 + n_embd * 3 * n_embd + 3 * n_embd + n_embd * n_embd + n_embd  # attention
+                 + n_embd * 4 * n_embd + 4 * n_embd + 4 * n_embd * n_embd + n_embd)  # mlp
+    n_params = vocab_size * n_embd + n_layer * per_block + 2 * n_embd
+    return 6 * n_params + 12 * n_layer * n_embd * block_size
+
+
+@pytest.mark.parametrize("device_name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA H100 PCIe", 756e12),
+])
+def test_mfu_matches_a_hand_computation(device_name, peak):
+    config = train.model_config(train.load_config(["configs/gpt2_124m.py"]))
+    per_token = hand_flops_per_token(12, 768, 1024, 50304)
+    model = meta_model(config)  # GPT-2 124M's shapes without allocating it
+    assert model_flops_per_token(model) == per_token
+    tokens_per_sec = 400_000.0  # over 2 GPUs
+    expected = per_token * tokens_per_sec / (2 * peak)
+    assert mfu(model_flops_per_token(model), tokens_per_sec, peak_flops_for(device_name), 2) == \
+        pytest.approx(expected, rel=1e-12)
+
+
+def test_mfu_is_none_on_cpu_and_unknown_gpus_unless_overridden():
+    assert device_peak_flops("cpu") is None and device_peak_flops("mps") is None
+    assert peak_flops_for("Some Future GPU") is None
+    assert mfu(1e9, 1e5, None) is None
+    assert peak_flops_for("Some Future GPU", override=5e14) == 5e14 and device_peak_flops("cpu", 1e12) == 1e12
+
+
+def test_cpu_run_logs_null_mfu_and_plot_draws_two_runs(token_dir, tmp_path):
+    runs = []
+    for seed in (1, 2):
+        out = str(tmp_path / f"run{seed}")
+        train.main(tiny_args(token_dir, out, "--max_steps=3", f"--seed={seed}"))
+        runs.append(out)
+    steps = [m for m in read_metrics(runs[0]) if "loss" in m]
+    assert len(steps) == 3 and all("mfu" in m and m["mfu"] is None for m in steps)
+    png = str(tmp_path / "plots" / "both.png")
+    result = run_python(["scripts/plot.py", os.path.join(runs[0], "metrics.jsonl"), runs[1], "--out", png])
+    assert result.returncode == 0, result.stderr
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(png) > 10_000
+
+
+def test_dry_run_prints_the_numbers_and_exits_without_data(tmp_path):
+    out = tmp_path / "never"
+    flags = [*TINY_MODEL, "--vocab_size=512", "--batch_size=4", "--total_batch_size=512", "--max_steps=7",
+             f"--data_dir={tmp_path / 'missing'}", f"--out_dir={out}", "--dry_run"]
+    result = run_python(["train.py", *flags])
+    assert result.returncode == 0, result.stderr
+    real = GPT(train.model_config(train.load_config(flags))).num_params()
+    assert f"parameters: {real:,}" in result.stdout
+    assert "grad_accum_steps: 4" in result.stdout  # 512 / (4 * 32)
+    assert "total tokens: 3,584" in result.stdout  # 512 * 7
+    assert re.search(r"FLOPs per step: [\d.e+]+", result.stdout)
+    memory = r"weights [\d.]+ GiB, gradients [\d.]+ GiB, optimizer state [\d.]+ GiB, activations [\d.]+ GiB"
+    assert re.search(memory, result.stdout)
+    assert not out.exists()
+
+
+def test_bench_prints_tokens_per_second_on_a_tiny_config(tmp_path):
+    result = run_python(["scripts/bench.py", *TINY_MODEL, "--device=cpu", "--batch_size=4",
+                         "--total_batch_size=256", "--bench_steps=2", "--bench_warmup=1", "--bench_compile=off"])
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"tokens/step \| step [\d.]+ ms \| tokens/s ([\d,]+) \| mfu n/a", result.stdout)
+    assert match and int(match.group(1).replace(",", "")) > 0, result.stdout
+    bad = run_python(["scripts/bench.py", "--batch_sise=4"])
+    assert bad.returncode == 2 and "Did you mean 'batch_size'" in bad.stderr and "Traceback" not in bad.stderr
