@@ -4,7 +4,8 @@ A checkpoint is one torch file of plain data, so `torch.load(weights_only=True)`
 (names without torch.compile's or DDP's prefixes), optimizer states, step, the resolved config, each
 rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss and the W&B run id.
 Files in out_dir: ckpt_STEP.pt (the last keep_last of them) and best_STEP.pt (lowest val loss so far).
-A checkpoint at step s holds the state before step s's update, so a resumed run starts its loop at s.
+A checkpoint at step s holds the state before step s's evaluation and update (best_val_loss included),
+so a resumed run starts its loop at s and repeats exactly what the uninterrupted run did from there.
 """
 
 import json
@@ -255,10 +256,10 @@ class Checkpointer:
 
     def update_best(self, step, val_loss, nonfinite_steps=0):
         """After an evaluation: a new best val loss gets best_STEP.pt (a hard link when ckpt_STEP.pt exists)."""
-        if not val_loss < self.best_val_loss:
-            return
+        if step == 0 or not val_loss < self.best_val_loss:
+            return  # the random init is no checkpoint to keep
         self.best_val_loss = val_loss
-        if not self.config.keep_best or step == 0:
+        if not self.config.keep_best:
             return
         path = os.path.join(self.config.out_dir, f"best_{step:06d}.pt")
         if self.last_saved is not None and self.last_saved[0] == step:
