@@ -204,6 +204,8 @@ class Checkpointer:
             self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
             self.last_saved = (self.start_step, path)
             self.log(f"resumed from {path} at step {self.start_step}")
+            if self.start_step >= self.config.max_steps:
+                self.log(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
         if self.info.is_master:
             trim_metrics(self.config.out_dir, self.start_step)
         return self.start_step
