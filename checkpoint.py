@@ -93,7 +93,8 @@ def compare_configs(saved, config):
     """Refuse a checkpoint of another model; return the other keys that differ as 'key: old -> new'."""
     requested = config_to_dict(config)
     differ = [k for k in requested if k != "resume" and saved.get(k) != requested[k]]
-    refused = [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested" for k in differ if k in MODEL_KEYS]
+    refused = [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested"
+               for k in differ if k in MODEL_KEYS]
     if refused:
         raise ConfigError("the checkpoint holds a different model; differing keys:\n  " + "\n  ".join(refused) +
                           "\nResume with the checkpoint's values, or start a new run in another --out_dir.")
@@ -158,9 +159,9 @@ class Checkpointer:
         self._rank_state = None
 
     def _choose(self):
-        """Rank 0 picks the checkpoint to resume from (or none) and tells the other ranks."""
+        """Rank 0 picks the checkpoint to resume from (or none) and tells the other ranks; (path, rank 0's copy)."""
         config, out_dir = self.config, self.config.out_dir
-        path = None
+        path, checkpoint = None, None
         if self.info.is_master:
             if config.resume == "never":
                 existing = list_checkpoints(out_dir)
@@ -168,7 +169,7 @@ class Checkpointer:
                     raise ConfigError(f"--resume=never but {out_dir} already holds checkpoints ({existing[0][1]}): "
                                       f"continue them with --resume=auto, or start over in another --out_dir.")
             elif config.resume == "auto":
-                path, _ = latest_valid(out_dir, warn=self.log)
+                path, checkpoint = latest_valid(out_dir, warn=self.log)
             else:
                 if not os.path.isfile(config.resume):
                     raise ConfigError(f"--resume={config.resume}: no such checkpoint file (use auto, never or a path).")
@@ -177,13 +178,14 @@ class Checkpointer:
             box = [path]
             dist.broadcast_object_list(box, src=0)
             path = box[0]
-        return path
+        return path, checkpoint
 
     def resume(self):
         """Restore weights, optimizers, loader and counters from the chosen checkpoint; return the start step."""
-        path = self._choose()
+        path, checkpoint = self._choose()
         if path is not None:
-            checkpoint, problem = try_load(path)
+            if checkpoint is None:
+                checkpoint, problem = try_load(path)
             if checkpoint is None:
                 raise ConfigError(f"checkpoint {path} is unusable ({problem}).")
             for change in compare_configs(checkpoint["config"], self.config):

@@ -33,7 +33,8 @@ class StopSignal:
                 pass  # not the main thread: leave signals alone
 
     def _handle(self, signum, frame):
-        # torchrun forwards the signal it gets, so a rank may see it twice: the first one counts
+        if self.received and signum == signal.SIGINT and not self.info.ddp:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once (under torchrun a rank may see one signal twice)
         self.received = self.received or signal.Signals(signum).name
 
     def requested(self):

@@ -57,7 +57,8 @@ def main(argv=None):
     vocab_size = model.config.vocab_size
     ids = encode(args.prompt) if args.prompt else [EOT_TOKEN if EOT_TOKEN < vocab_size else 0]
     if max(ids) >= vocab_size:
-        raise SystemExit(f"error: the prompt has token ids up to {max(ids)}, beyond this model's vocab_size {vocab_size}")
+        raise SystemExit(f"error: the prompt has token ids up to {max(ids)}, "
+                         f"beyond this model's vocab_size {vocab_size}")
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k or None,
