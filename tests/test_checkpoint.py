@@ -148,3 +148,12 @@ def test_sample_script_generates_from_a_checkpoint(token_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ckpt_000001.pt (step 1" in result.stderr
     assert result.stdout.count("Hello") == 2
+
+
+def test_resumed_run_continues_the_same_wandb_run(token_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = run(token_dir, tmp_path / "run", "--max_steps=2", "--wandb_mode=offline")
+    run(token_dir, out, "--max_steps=3", "--wandb_mode=offline")
+    first, second = (torch.load(os.path.join(out, f"ckpt_{s:06d}.pt"), weights_only=True) for s in (2, 3))
+    assert first["wandb_run_id"] and second["wandb_run_id"] == first["wandb_run_id"]
