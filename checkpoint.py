@@ -1,12 +1,28 @@
-"""Save and load training checkpoints with atomic writes.
+"""Checkpoints that survive anything: atomic writes, every rank's state, exact resume.
 
-A checkpoint is one torch file of plain data: model weights (names without torch.compile's or DDP's
-prefixes), optimizer state, step and the resolved config, so `torch.load(weights_only=True)` reads it.
+A checkpoint is one torch file of plain data, so `torch.load(weights_only=True)` reads it: model weights
+(names without torch.compile's or DDP's prefixes), optimizer states, step, the resolved config, each
+rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss and the W&B run id.
+Files in out_dir: ckpt_STEP.pt (the last keep_last of them) and best_STEP.pt (lowest val loss so far).
+A checkpoint at step s holds the state before step s's evaluation and update (best_val_loss included),
+so a resumed run starts its loop at s and repeats exactly what the uninterrupted run did from there.
 """
 
+import json
+import math
 import os
+import random
+import re
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+from config import ConfigError, config_to_dict
+
+CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.pt$")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
+REQUIRED_KEYS = ("model", "optimizers", "step", "config", "ranks")
 
 
 def clean_state_dict(model):
@@ -39,3 +55,240 @@ def atomic_save(obj, path):
 
 def load_checkpoint(path, device="cpu"):
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def list_checkpoints(out_dir):
+    """(step, path) of every checkpoint in out_dir, newest first; at equal steps ckpt_ before best_."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in os.listdir(out_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            found.append((int(match.group(2)), match.group(1) == "ckpt", os.path.join(out_dir, name)))
+    return [(step, path) for step, _, path in sorted(found, reverse=True)]
+
+
+def try_load(path):
+    """(checkpoint, None) when `path` loads and has every part, else (None, the reason)."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as e:  # truncated zip, bad pickle, unreadable file: all mean "not usable"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    return (None, f"missing {', '.join(missing)}") if missing else (checkpoint, None)
+
+
+def latest_valid(out_dir, warn=print):
+    """(path, checkpoint) of the newest checkpoint that loads; warns about each broken one skipped."""
+    for _, path in list_checkpoints(out_dir):
+        checkpoint, problem = try_load(path)
+        if checkpoint is not None:
+            return path, checkpoint
+        warn(f"warning: checkpoint {path} is unusable ({problem}); falling back to the previous one")
+    return None, None
+
+
+def compare_configs(saved, config):
+    """Refuse a checkpoint of another model; return the other keys that differ as 'key: old -> new'."""
+    requested = config_to_dict(config)
+    differ = [k for k in requested if k != "resume" and saved.get(k) != requested[k]]
+    refused = [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested"
+               for k in differ if k in MODEL_KEYS]
+    if refused:
+        raise ConfigError("the checkpoint holds a different model; differing keys:\n  " + "\n  ".join(refused) +
+                          "\nResume with the checkpoint's values, or start a new run in another --out_dir.")
+    return [f"{k}: {saved.get(k)!r} -> {requested[k]!r}" for k in differ]
+
+
+def rng_state(device):
+    """This process's random states as tensors and plain data (weights_only-loadable)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if str(device).startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    numpy = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": numpy["key"].numpy().astype(np.uint32),
+                         "pos": numpy["pos"]}, "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if str(device).startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def trim_metrics(out_dir, step):
+    """Drop metrics.jsonl records from `step` on: the resumed run writes them again."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if not isinstance(record, dict) or record.get("step", -1) < step:
+            kept.append(line)
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+class Checkpointer:
+    """Saves and restores the whole training state; every rank calls save() and resume() together."""
+
+    def __init__(self, config, info, model, optimizers, loader):
+        self.config, self.info = config, info
+        self.model, self.optimizers, self.loader = model, optimizers, loader
+        self.log = print if info.is_master else (lambda *args, **kwargs: None)
+        self.best_val_loss = math.inf
+        self.wandb_run_id = None
+        self.nonfinite_steps = 0
+        self.start_step = 0
+        self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
+        self._rank_state = None
+
+    def _choose(self):
+        """Rank 0 picks the checkpoint to resume from (or none) and tells the other ranks; (path, rank 0's copy)."""
+        config, out_dir = self.config, self.config.out_dir
+        path, checkpoint = None, None
+        if self.info.is_master:
+            if config.resume == "never":
+                existing = list_checkpoints(out_dir)
+                if existing:
+                    raise ConfigError(f"--resume=never but {out_dir} already holds checkpoints ({existing[0][1]}): "
+                                      f"continue them with --resume=auto, or start over in another --out_dir.")
+            elif config.resume == "auto":
+                path, checkpoint = latest_valid(out_dir, warn=self.log)
+            else:
+                if not os.path.isfile(config.resume):
+                    raise ConfigError(f"--resume={config.resume}: no such checkpoint file (use auto, never or a path).")
+                path = config.resume
+        if self.info.ddp:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        return path, checkpoint
+
+    def resume(self):
+        """Restore weights, optimizers, loader and counters from the chosen checkpoint; return the start step."""
+        path, checkpoint = self._choose()
+        if path is not None:
+            if checkpoint is None:
+                checkpoint, problem = try_load(path)
+            if checkpoint is None:
+                raise ConfigError(f"checkpoint {path} is unusable ({problem}).")
+            for change in compare_configs(checkpoint["config"], self.config):
+                self.log(f"resume: config changed since the checkpoint, {change}")
+            self.model.load_state_dict(checkpoint["model"])
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
+                optimizer.load_state_dict(state)
+            ranks = checkpoint["ranks"]
+            if len(ranks) != self.info.world_size:
+                self.log(f"resume: world size {len(ranks)} -> {self.info.world_size}: the data order is kept, "
+                         f"random states are reused round robin")
+            self._rank_state = ranks[self.info.rank % len(ranks)]
+            self.loader.load_state_dict(ranks[0]["loader"] if len(ranks) != self.info.world_size
+                                        else self._rank_state["loader"])
+            self.start_step = checkpoint["step"]
+            self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+            self.wandb_run_id = checkpoint.get("wandb_run_id")
+            self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+            self.last_saved = (self.start_step, path)
+            self.log(f"resumed from {path} at step {self.start_step}")
+            if self.start_step >= self.config.max_steps:
+                self.log(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
+        if self.info.is_master:
+            trim_metrics(self.config.out_dir, self.start_step)
+        return self.start_step
+
+    def restore_rng(self):
+        """Put back this rank's random states; call last before the loop so nothing draws from them first."""
+        if self._rank_state is not None:
+            set_rng_state(self._rank_state["rng"], self.info.device)
+
+    def _state(self, step, nonfinite_steps):
+        """The whole checkpoint on rank 0 (None elsewhere): each rank's loader and RNG states are gathered."""
+        rank_state = {"rng": rng_state(self.info.device), "loader": self.loader.state_dict()}
+        ranks = [rank_state]
+        if self.info.ddp:
+            ranks = [None] * self.info.world_size
+            dist.all_gather_object(ranks, rank_state)
+        if not self.info.is_master:
+            return None
+        return {
+            "model": clean_state_dict(self.model),
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "step": step,
+            "config": config_to_dict(self.config),
+            "ranks": ranks,
+            "world_size": self.info.world_size,
+            "best_val_loss": self.best_val_loss,
+            "wandb_run_id": self.wandb_run_id,
+            "nonfinite_steps": nonfinite_steps,
+        }
+
+    def _write(self, checkpoint, path):
+        """Rank 0 writes, unless a weight is NaN/inf: a non-finite model is never saved."""
+        if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
+            self.log(f"warning: weights are non-finite at step {checkpoint['step']}: not saving {path}")
+            return False
+        atomic_save(checkpoint, path)
+        self.log(f"saved checkpoint {path}")
+        return True
+
+    def maybe_save(self, step, force, nonfinite_steps=0):
+        """Save every checkpoint_interval steps, and when forced (end of training, a stop signal)."""
+        due = force or step % self.config.checkpoint_interval == 0
+        if step <= self.start_step or not due:
+            return
+        checkpoint = self._state(step, nonfinite_steps)
+        path = os.path.join(self.config.out_dir, f"ckpt_{step:06d}.pt")
+        if checkpoint is not None and self._write(checkpoint, path):
+            self.prune()
+        self.last_saved = (step, path)
+
+    def update_best(self, step, val_loss, nonfinite_steps=0):
+        """After an evaluation: a new best val loss gets best_STEP.pt (a hard link when ckpt_STEP.pt exists)."""
+        if step == 0 or not val_loss < self.best_val_loss:
+            return  # the random init is no checkpoint to keep
+        self.best_val_loss = val_loss
+        if not self.config.keep_best:
+            return
+        path = os.path.join(self.config.out_dir, f"best_{step:06d}.pt")
+        if self.last_saved is not None and self.last_saved[0] == step:
+            if self.info.is_master and os.path.isfile(self.last_saved[1]) and not os.path.exists(path):
+                try:
+                    os.link(self.last_saved[1], path)
+                except OSError:
+                    atomic_save(load_checkpoint(self.last_saved[1]), path)  # no hard links on this filesystem
+                self.prune()
+            return
+        checkpoint = self._state(step, nonfinite_steps)
+        if checkpoint is not None and self._write(checkpoint, path):
+            self.prune()
+
+    def prune(self):
+        """Keep the newest keep_last ckpt_ files and the newest best_ file; remove leftovers of killed saves."""
+        out_dir = self.config.out_dir
+        steps = sorted((int(m.group(2)), m.group(1), n) for n in os.listdir(out_dir)
+                       if (m := CHECKPOINT_NAME.match(n)))
+        ckpts = [n for _, kind, n in steps if kind == "ckpt"]
+        bests = [n for _, kind, n in steps if kind == "best"]
+        doomed = bests[:-1] + (ckpts[:-self.config.keep_last] if self.config.keep_last > 0 else [])
+        doomed += [n for n in os.listdir(out_dir) if ".pt.tmp." in n]
+        for name in doomed:
+            try:
+                os.remove(os.path.join(out_dir, name))
+            except FileNotFoundError:
+                pass

@@ -48,7 +48,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
     # evaluation and sampling
-    eval_interval: int = 250  # steps between val loss evaluations, samples and checkpoints
+    eval_interval: int = 250  # steps between val loss evaluations and samples
     eval_iters: int = 20  # val micro-batches of batch_size sequences per evaluation (whatever the world size)
     sample_tokens: int = 32  # tokens generated for the sample at each evaluation (0 disables)
     sample_prompt: str = "Hello, I'm a language model,"  # prompt of the sample at each evaluation
@@ -62,8 +62,15 @@ class TrainConfig:
     wandb_mode: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
     wandb_project: str = "gpt2-pretrain"  # W&B project name
     wandb_run_name: str = ""  # W&B run name (empty: W&B picks one)
+    # tracking extras
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: look up the GPU's dense bf16 peak)
     dry_run: bool = False  # print the resolved config and what follows from it, then exit without training
+    # checkpoints
+    checkpoint_interval: int = 500  # steps between checkpoints; one is also written at the end and on SIGTERM/SIGINT
+    keep_last: int = 2  # ckpt_STEP.pt files kept in out_dir (0 keeps all), besides the best-val one
+    keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
+    resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint
+    max_nonfinite_steps: int = 10  # NaN/inf steps in a row (each one's update skipped) before the run stops
 
 
 CHOICES = {
@@ -160,13 +167,14 @@ def load_config(argv):
 def check_config(config):
     positive = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
                 "max_steps", "eval_interval", "log_interval"]
+    positive += ["checkpoint_interval", "max_nonfinite_steps"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
-    if config.warmup_steps < 0 or config.eval_iters < 0:
-        raise ConfigError("warmup_steps and eval_iters must not be negative.")
+    if config.warmup_steps < 0 or config.eval_iters < 0 or config.keep_last < 0:
+        raise ConfigError("warmup_steps, eval_iters and keep_last must not be negative.")
     if config.peak_flops < 0:
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:

@@ -14,12 +14,13 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import atomic_save, clean_state_dict
+from checkpoint import Checkpointer
 from config import ConfigError, config_to_dict, help_text, load_config, save_config
 from configure_optimizers import configure_adamw, get_lr, set_lr
 from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
 from distributed import all_reduce_mean, all_reduce_sum, env_rank, setup_distributed, teardown_distributed
+from guards import NonFiniteError, NonFiniteGuard, StopSignal
 from logger import Logger
 from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
 from model import GPT, GPTConfig
@@ -88,20 +89,6 @@ def generate_sample(model, config, device, step):
     return decode(out[0].tolist())
 
 
-def save_checkpoint(config, raw_model, optimizers, train_loader, step, val_loss):
-    checkpoint = {
-        "model": clean_state_dict(raw_model),
-        "optimizers": [opt.state_dict() for opt in optimizers],
-        "step": step,
-        "config": config_to_dict(config),
-        "loader": train_loader.state_dict(),
-        "val_loss": val_loss,
-    }
-    path = os.path.join(config.out_dir, f"ckpt_{step:06d}.pt")
-    atomic_save(checkpoint, path)
-    return path
-
-
 def train(config, info):
     grad_accum_steps = grad_accum_steps_for(config, info.world_size)
     device_type = info.device_type
@@ -123,30 +110,42 @@ def train(config, info):
     if info.ddp:
         model = DDP(model, device_ids=[info.local_rank] if device_type == "cuda" else None)
     optimizers = make_optimizers(config, raw_model, device_type, log)
+    # resume: weights, optimizers, loader position and counters from a checkpoint (config.resume), or start fresh
+    checkpoints = Checkpointer(config, info, raw_model, optimizers, train_loader)
+    start_step = checkpoints.resume()
 
     if info.is_master:
         os.makedirs(config.out_dir, exist_ok=True)
         save_config(config, os.path.join(config.out_dir, "config.json"))
     logger = Logger(config.out_dir, enabled=info.is_master, wandb_mode=config.wandb_mode,
                     wandb_project=config.wandb_project, wandb_run_name=config.wandb_run_name,
-                    config=config_to_dict(config))
+                    config=config_to_dict(config), wandb_run_id=checkpoints.wandb_run_id)
+    checkpoints.wandb_run_id = logger.wandb_run_id
     logger.print(f"config: {config_to_dict(config)}")
     logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
                  f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
+    guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
+    stop = StopSignal(info)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
+
     val_loss = None
-    for step in range(0, config.max_steps + 1):
+    for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
+        stopping = stop.requested()
+        checkpoints.maybe_save(step, force=last_step or stopping, nonfinite_steps=guard.total)
+        if stopping:
+            logger.print(f"stopped by {stop.received or 'a signal on another rank'} at step {step}; "
+                         f"continue with --resume=auto")
+            break
         if config.eval_iters > 0 and (step % config.eval_interval == 0 or last_step):
             val_loss = evaluate(eval_model, val_loader, config, info)
             logger.print(f"step {step:5d} | val loss {val_loss:.4f}")
             logger.log({"step": step, "val_loss": val_loss})
             if info.is_master and config.sample_tokens > 0:
                 logger.log_sample(step, generate_sample(raw_model, config, info.device, step))
-            if info.is_master and step > 0:
-                path = save_checkpoint(config, raw_model, optimizers, train_loader, step, val_loss)
-                logger.print(f"saved checkpoint {path}")
+            checkpoints.update_best(step, val_loss, nonfinite_steps=guard.total)
         if last_step:
             break
 
@@ -161,6 +160,7 @@ def train(config, info):
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
             with autocast_context(device_type):
                 _, loss = model(x, y)
+            loss = guard.inject(loss, step)  # test hook: GPT2_DEBUG_NAN_STEPS
             # scale the loss: each backward() adds into .grad, and we want the mean over micro-steps
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
@@ -170,8 +170,9 @@ def train(config, info):
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)  # pre-clip norm
         lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
         set_lr(optimizers, lr / config.learning_rate)
-        for optimizer in optimizers:
-            optimizer.step()
+        if guard.allows_update(step, loss_accum, grad_norm, logger):  # a NaN/inf loss or norm skips the update
+            for optimizer in optimizers:
+                optimizer.step()
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -179,6 +180,7 @@ def train(config, info):
             logger.log({"step": step, "loss": loss_accum.item(), "lr": lr, "grad_norm": grad_norm.item(),
                         "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt,
                         "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size)})
+    stop.close()
     logger.finish()
     return raw_model
 
@@ -209,7 +211,7 @@ def main(argv=None):
     info = setup_distributed(config.device)
     try:
         train(config, info)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, NonFiniteError) as e:
         fail(e)
     finally:
         teardown_distributed()

@@ -1,0 +1,86 @@
+"""Guards of the training loop: stop cleanly on SIGTERM/SIGINT, skip updates with a NaN/inf loss or gradient.
+
+Test hooks (environment variables, read here only):
+    GPT2_DEBUG_NAN_STEPS=3,4    the loss of steps 3 and 4 is NaN (so are their gradients)
+    GPT2_DEBUG_STEP_DELAY=0.2   sleep this many seconds each step, so a test can signal a run mid-way
+"""
+
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class NonFiniteError(Exception):
+    """Too many NaN/inf steps in a row: reported as one message, the run stops."""
+
+
+class StopSignal:
+    """SIGTERM/SIGINT only set a flag; each step the ranks agree (max over ranks), so all stop at the same step."""
+
+    def __init__(self, info):
+        self.info = info
+        self.received = None
+        self.previous = {}
+        self.delay = float(os.environ.get("GPT2_DEBUG_STEP_DELAY") or 0)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:
+                pass  # not the main thread: leave signals alone
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT and not self.info.ddp:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once (under torchrun a rank may see one signal twice)
+        self.received = self.received or signal.Signals(signum).name
+
+    def requested(self):
+        """True on every rank when any rank got a signal; called once per step, at its start."""
+        if self.delay:
+            time.sleep(self.delay)
+        if not self.info.ddp:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=self.info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+class NonFiniteGuard:
+    """A step whose loss or gradient norm is NaN/inf skips its update; max_in_a_row of them stop the run."""
+
+    def __init__(self, max_in_a_row, total=0):
+        self.max_in_a_row = max_in_a_row
+        self.total = total
+        self.in_a_row = 0
+        self.nan_steps = {int(s) for s in os.environ.get("GPT2_DEBUG_NAN_STEPS", "").split(",") if s.strip()}
+
+    def inject(self, loss, step):
+        """Test hook: a NaN loss at the steps listed in GPT2_DEBUG_NAN_STEPS."""
+        return loss * float("nan") if step in self.nan_steps else loss
+
+    def allows_update(self, step, loss, grad_norm, logger):
+        """True when loss and grad norm are finite (same on every rank: both are already reduced)."""
+        loss, grad_norm = loss.item(), grad_norm.item()
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.total += 1
+        self.in_a_row += 1
+        logger.print(f"step {step:5d} | non-finite loss {loss} or grad norm {grad_norm}: update skipped "
+                     f"({self.in_a_row} in a row, {self.total} in this run)")
+        logger.log({"step": step, "nonfinite_steps": self.total})
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient norm; "
+                f"stopping (max_nonfinite_steps={self.max_in_a_row}). The weights are those before step "
+                f"{step - self.in_a_row + 1}; lower --learning_rate or check the data, then --resume=auto."
+            )
+        return False

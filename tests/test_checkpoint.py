@@ -1,0 +1,159 @@
+"""Checkpoint contents, atomic writes, broken and mismatched checkpoints, pruning, the NaN guard, sample.py."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import train
+from checkpoint import Checkpointer, atomic_save, list_checkpoints
+from distributed import DistInfo
+from model import GPT, GPTConfig
+from tests.conftest import read_metrics, run_python, tiny_args
+
+FAST = ["--vocab_size=128"]  # the test tokens are < 64: a small vocab keeps each step a few ms
+
+
+def run(token_dir, out, *extra):
+    train.main(tiny_args(token_dir, str(out), *FAST, *extra))
+    return str(out)
+
+
+def losses(out_dir):
+    return {m["step"]: m["loss"] for m in read_metrics(out_dir) if "loss" in m}
+
+
+def files(out_dir):
+    return sorted(n for n in os.listdir(out_dir) if n.endswith(".pt") or ".tmp." in n)
+
+
+def test_checkpoint_holds_the_whole_state_as_plain_data(token_dir, tmp_path):
+    out = run(token_dir, tmp_path / "run", "--max_steps=3", "--compile=false")
+    checkpoint = torch.load(os.path.join(out, "ckpt_000003.pt"), weights_only=True)
+    assert checkpoint["step"] == 3 and checkpoint["world_size"] == 1
+    assert checkpoint["config"]["n_embd"] == 32 and checkpoint["config"]["max_steps"] == 3
+    assert set(checkpoint["model"]) == set(GPT(GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=2,
+                                                         n_embd=32)).state_dict())
+    assert len(checkpoint["optimizers"]) == 1 and checkpoint["optimizers"][0]["state"]
+    (rank,) = checkpoint["ranks"]
+    assert set(rank["rng"]) >= {"python", "numpy", "torch"}
+    assert rank["loader"]["position"] == 3 * 256 // 32  # 3 steps of 256 tokens in 32-token windows
+    assert checkpoint["best_val_loss"] < 10 and checkpoint["nonfinite_steps"] == 0
+    assert "wandb_run_id" in checkpoint
+
+
+def test_failed_save_leaves_the_previous_file_intact(tmp_path):
+    class DiskFull:
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    path = str(tmp_path / "ckpt_000001.pt")
+    atomic_save({"step": 1}, path)
+    with pytest.raises(OSError):
+        atomic_save({"step": 2, "boom": DiskFull()}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt_000001.pt"]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(token_dir, tmp_path, capsys):
+    out = run(token_dir, tmp_path / "run", "--checkpoint_interval=2", "--keep_last=0")
+    reference = losses(out)
+    latest = os.path.join(out, "ckpt_000004.pt")
+    size = os.path.getsize(latest)
+    with open(latest, "r+b") as f:
+        f.truncate(size // 2)  # also truncates best_000004.pt, a hard link to the same file
+    capsys.readouterr()
+    run(token_dir, out, "--checkpoint_interval=2", "--keep_last=0")
+    printed = capsys.readouterr().out
+    assert "ckpt_000004.pt is unusable" in printed
+    assert f"resumed from {os.path.join(out, 'ckpt_000002.pt')} at step 2" in printed
+    assert losses(out) == reference  # steps 2 and 3 ran again, identically
+    assert torch.load(latest, weights_only=True)["step"] == 4  # rewritten whole
+
+
+def test_another_model_is_refused_and_harmless_overrides_are_reported(token_dir, tmp_path, capsys):
+    out = run(token_dir, tmp_path / "run", "--max_steps=2")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(token_dir, out, "--max_steps=2", "--n_embd=64", "--n_layer=3")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "n_embd: 32 in the checkpoint, 64 requested" in error and "n_layer: 2 in the checkpoint, 3" in error
+    assert "max_steps" not in error
+    run(token_dir, out, "--max_steps=3")
+    printed = capsys.readouterr().out
+    assert "max_steps: 2 -> 3" in printed and "resumed from" in printed
+    assert sorted(losses(out)) == [0, 1, 2]
+    with pytest.raises(SystemExit):
+        run(token_dir, out, "--max_steps=3", "--resume=never")
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_keep_last_prunes_old_checkpoints_and_keeps_the_best(token_dir, tmp_path):
+    # a large learning rate: val loss first falls, then rises, so the best checkpoint is not the latest
+    out = run(token_dir, tmp_path / "run", "--max_steps=12", "--checkpoint_interval=1", "--keep_last=2",
+              "--eval_interval=3", "--learning_rate=2.0", "--min_lr=2.0", "--warmup_steps=0", "--grad_clip=0")
+    val = {m["step"]: m["val_loss"] for m in read_metrics(out) if "val_loss" in m}
+    best_step = min((s for s in val if s > 0), key=val.get)
+    assert best_step < 12
+    assert files(out) == sorted(["ckpt_000011.pt", "ckpt_000012.pt", f"best_{best_step:06d}.pt"])
+    best = torch.load(os.path.join(out, f"best_{best_step:06d}.pt"), weights_only=True)
+    # like every checkpoint at step s, it holds the state before step s's evaluation
+    assert best["step"] == best_step and best["best_val_loss"] == min(val[s] for s in val if 0 < s < best_step)
+
+
+def test_nan_loss_skips_the_update_and_is_counted(token_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_DEBUG_NAN_STEPS", "2")
+    out = run(token_dir, tmp_path / "run", "--checkpoint_interval=1", "--keep_last=0")
+    metrics = read_metrics(out)
+    assert [m for m in metrics if "nonfinite_steps" in m] == [{"step": 2, "nonfinite_steps": 1}]
+    assert losses(out)[2] is None and math.isfinite(losses(out)[3])
+    before, after = (torch.load(os.path.join(out, f"ckpt_{s:06d}.pt"), weights_only=True) for s in (2, 3))
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name]), name  # the NaN step changed nothing
+    assert after["nonfinite_steps"] == 1
+
+
+def test_repeated_nans_stop_the_run_without_a_nan_checkpoint(token_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPT2_DEBUG_NAN_STEPS", "2,3,4,5")
+    with pytest.raises(SystemExit) as exit_info:
+        run(token_dir, tmp_path / "run", "--max_steps=8", "--checkpoint_interval=1", "--max_nonfinite_steps=3")
+    assert exit_info.value.code == 2
+    assert "3 steps in a row (up to step 4) had a non-finite loss" in capsys.readouterr().err
+    saved = list_checkpoints(str(tmp_path / "run"))
+    assert saved[0][0] == 4  # state before step 4, after the skipped steps 2 and 3
+    for _, path in saved:
+        model = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def test_a_non_finite_model_is_never_saved(token_dir, tmp_path):
+    config = train.load_config(tiny_args(token_dir, str(tmp_path / "run"), *FAST))
+    model = GPT(train.model_config(config))
+    optimizer = torch.optim.AdamW(model.parameters())
+    loader = train.DataLoader(token_dir, "train", batch_size=4, block_size=32)
+    checkpoints = Checkpointer(config, DistInfo(), model, [optimizer], loader)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    checkpoints.maybe_save(5, force=True)
+    assert not os.path.exists(str(tmp_path / "run" / "ckpt_000005.pt"))
+
+
+def test_sample_script_generates_from_a_checkpoint(token_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(tiny_args(token_dir, out, "--max_steps=1"))  # the full GPT-2 vocab, so any prompt encodes
+    result = run_python(["scripts/sample.py", out, "--prompt=Hello", "--tokens=5", "--temperature=0.8",
+                         "--top_k=10", "--num_samples=2"])
+    assert result.returncode == 0, result.stderr
+    assert "ckpt_000001.pt (step 1" in result.stderr
+    assert result.stdout.count("Hello") == 2
+
+
+def test_resumed_run_continues_the_same_wandb_run(token_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = run(token_dir, tmp_path / "run", "--max_steps=2", "--wandb_mode=offline")
+    run(token_dir, out, "--max_steps=3", "--wandb_mode=offline")
+    first, second = (torch.load(os.path.join(out, f"ckpt_{s:06d}.pt"), weights_only=True) for s in (2, 3))
+    assert first["wandb_run_id"] and second["wandb_run_id"] == first["wandb_run_id"]
