@@ -71,6 +71,11 @@ class TrainConfig:
     keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
     resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint
     max_nonfinite_steps: int = 10  # NaN/inf steps in a row (each one's update skipped) before the run stops
+    # muon (used with --optimizer=muon)
+    matrix_lr: float = 0.02  # Muon lr for the 2-D matrices inside the blocks
+    embedding_lr: float = 0.005  # AdamW lr for wpe and an untied wte, times (n_embd/768)**-0.5
+    unembedding_lr: float = 0.004  # AdamW lr for lm_head (and wte tied to it), times (n_embd/768)**-0.5
+    muon_momentum: float = 0.95  # Muon momentum, warmed from 0.85 over the first 300 steps
 
 
 CHOICES = {

@@ -52,3 +52,63 @@ def set_lr(optimizers, lr_scale):
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_scale
+
+
+def muon_param_groups(model):
+    """Names of the parameters each optimizer gets: 2-D matrices inside the blocks go to Muon, the rest to AdamW."""
+    seen, groups = set(), {"matrix": [], "embedding": [], "unembedding": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue  # a tied weight is listed once, under its first name (transformer.wte.weight)
+        seen.add(id(p))
+        if p.dim() == 2 and ".h." in f".{name}":
+            groups["matrix"].append((name, p))
+        elif name.startswith("lm_head") or p is getattr(model, "lm_head", None).weight:
+            # the output head, or wte tied to it: the head's gradient sets how large a step it takes
+            groups["unembedding"].append((name, p))
+        elif p.dim() >= 2:
+            groups["embedding"].append((name, p))  # wpe, and wte when untied
+        else:
+            groups["scalar"].append((name, p))  # biases and LayerNorm gains
+    return groups
+
+
+def configure_muon(model, n_embd, matrix_lr, embedding_lr, unembedding_lr, scalar_lr, momentum=0.95,
+                   log=print):
+    """nanochat's hybrid: Muon for the blocks' matrices, AdamW (0.8, 0.95), eps 1e-10 for everything else.
+
+    AdamW's lrs are scaled by (n_embd / 768) ** -0.5 as nanochat does, so they transfer across widths.
+    Muon's own shape adjustment ("original", Keller Jordan's): a (rows, cols) matrix's step is scaled by
+    sqrt(max(1, rows / cols)), so tall matrices (c_fc: 4C x C) get a 2x larger step.
+    """
+    groups = muon_param_groups(model)
+    scale = (n_embd / 768) ** -0.5
+    adam_groups = [
+        {"params": [p for _, p in groups["embedding"]], "lr": embedding_lr * scale},
+        {"params": [p for _, p in groups["unembedding"]], "lr": unembedding_lr * scale},
+        {"params": [p for _, p in groups["scalar"]], "lr": scalar_lr},
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    matrices = [p for _, p in groups["matrix"]]
+    muon = torch.optim.Muon(matrices, lr=matrix_lr, weight_decay=0.0, momentum=momentum, nesterov=True,
+                            adjust_lr_fn="original")
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    for optimizer in (muon, adamw):
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    log(f"muon: {len(matrices)} matrices ({sum(p.numel() for p in matrices):,} parameters); adamw: "
+        + ", ".join(f"{k} {sum(p.numel() for _, p in v):,}" for k, v in groups.items() if k != "matrix" and v))
+    return [muon, adamw]
+
+
+def muon_momentum(step, final=0.95, start=0.85, warmup_steps=300):
+    """Muon's momentum, warmed linearly from `start` to `final` over the first warmup_steps."""
+    frac = min(step / warmup_steps, 1.0)
+    return (1 - frac) * start + frac * final
+
+
+def set_muon_momentum(optimizers, momentum):
+    for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.Muon):
+            for group in optimizer.param_groups:
+                group["momentum"] = momentum

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import Checkpointer
 from config import ConfigError, config_to_dict, help_text, load_config, save_config
-from configure_optimizers import configure_adamw, get_lr, set_lr
+from configure_optimizers import configure_adamw, configure_muon, get_lr, muon_momentum, set_lr, set_muon_momentum
 from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
 from distributed import all_reduce_mean, all_reduce_sum, env_rank, setup_distributed, teardown_distributed
@@ -46,6 +46,9 @@ def model_config(config):
 
 def make_optimizers(config, model, device_type, log):
     """A list of optimizers; each param group carries 'initial_lr', which the schedule scales."""
+    if config.optimizer == "muon":
+        return configure_muon(model, config.n_embd, config.matrix_lr, config.embedding_lr, config.unembedding_lr,
+                              config.learning_rate, config.muon_momentum, log=log)
     adamw = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                             device_type=device_type, log=log)
     return [adamw]
@@ -170,6 +173,7 @@ def train(config, info):
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)  # pre-clip norm
         lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
         set_lr(optimizers, lr / config.learning_rate)
+        set_muon_momentum(optimizers, muon_momentum(step, final=config.muon_momentum))
         if guard.allows_update(step, loss_accum, grad_norm, logger):  # a NaN/inf loss or norm skips the update
             for optimizer in optimizers:
                 optimizer.step()
