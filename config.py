@@ -71,6 +71,10 @@ class TrainConfig:
     keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
     resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint
     max_nonfinite_steps: int = 10  # NaN/inf steps in a row (each one's update skipped) before the run stops
+    # evaluation extras
+    init_from: str = ""  # start from a local GPT-2 folder (config.json + model.safetensors) instead of scratch
+    hellaswag: bool = False  # HellaSwag acc and acc_norm at each evaluation (downloads the val set once)
+    hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag val jsonl (fetched if missing)
     # muon (used with --optimizer=muon)
     matrix_lr: float = 0.02  # Muon lr for the 2-D matrices inside the blocks
     embedding_lr: float = 0.005  # AdamW lr for wpe and an untied wte, times (n_embd/768)**-0.5

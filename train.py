@@ -19,8 +19,10 @@ from config import ConfigError, config_to_dict, help_text, load_config, save_con
 from configure_optimizers import configure_adamw, configure_muon, get_lr, muon_momentum, set_lr, set_muon_momentum
 from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
-from distributed import all_reduce_mean, all_reduce_sum, env_rank, setup_distributed, teardown_distributed
+from distributed import all_reduce_mean, all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
+from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples
 from guards import NonFiniteError, NonFiniteGuard, StopSignal
+from hf_interop import import_hf, mismatched_keys
 from logger import Logger
 from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
 from model import GPT, GPTConfig
@@ -52,6 +54,32 @@ def make_optimizers(config, model, device_type, log):
     adamw = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                             device_type=device_type, log=log)
     return [adamw]
+
+
+def load_gpt2_folder(model, config):
+    """Start from a local GPT-2 folder (e.g. written by scripts/export_hf.py or a transformers save)."""
+    if not os.path.isfile(os.path.join(config.init_from, "model.safetensors")):
+        raise ConfigError(f"init_from '{config.init_from}' has no model.safetensors: give a GPT-2 folder "
+                          f"with config.json and model.safetensors.")
+    model_keys, state = import_hf(config.init_from, config.vocab_size)
+    differ = mismatched_keys(model_keys, config)
+    if differ:
+        raise ConfigError(f"init_from '{config.init_from}' is another model shape: {'; '.join(differ)}. "
+                          f"Set these keys to the folder's values.")
+    model.load_state_dict(state)
+
+
+def hellaswag_examples(config, info):
+    """The HellaSwag val examples (rank 0 downloads them once; the others wait), or None when turned off."""
+    if not config.hellaswag:
+        return None
+    try:
+        if info.is_master:
+            fetch_hellaswag(config.hellaswag_path)
+        barrier(info)
+        return load_examples(fetch_hellaswag(config.hellaswag_path))
+    except HellaSwagError as e:
+        raise DataError(str(e)) from None
 
 
 def autocast_context(device_type):
@@ -104,10 +132,14 @@ def train(config, info):
                        world_size=info.world_size, seed=config.seed, device=info.device)
     train_loader = DataLoader(config.data_dir, "train", shuffle=config.shuffle, **loader_args)
     val_loader = DataLoader(config.data_dir, "val", shuffle=False, **loader_args)
+    hellaswag = hellaswag_examples(config, info)
 
     # model: the same initial weights on every rank
     torch.manual_seed(config.seed)
-    raw_model = GPT(model_config(config)).to(info.device)
+    raw_model = GPT(model_config(config))
+    if config.init_from:
+        load_gpt2_folder(raw_model, config)
+    raw_model.to(info.device)
     model = torch.compile(raw_model) if config.compile else raw_model
     eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
     if info.ddp:
@@ -148,6 +180,11 @@ def train(config, info):
             logger.log({"step": step, "val_loss": val_loss})
             if info.is_master and config.sample_tokens > 0:
                 logger.log_sample(step, generate_sample(raw_model, config, info.device, step))
+            if hellaswag is not None:
+                scores = evaluate_hellaswag(eval_model, hellaswag, encode, config.block_size, info.device, info.rank,
+                                            info.world_size, lambda: autocast_context(device_type))
+                logger.print(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
+                logger.log({"step": step, **scores})
             checkpoints.update_best(step, val_loss, nonfinite_steps=guard.total)
         if last_step:
             break

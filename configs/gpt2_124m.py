@@ -19,4 +19,5 @@ weight_decay = 0.1
 eval_interval = 250
 eval_iters = 20
 compile = True
+hellaswag = True
 out_dir = "out/gpt2_124m"

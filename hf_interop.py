@@ -1,0 +1,83 @@
+"""Convert between our checkpoints and Hugging Face GPT2LMHeadModel folders (config.json + model.safetensors).
+
+Our nn.Linear weights are the transpose of HF's Conv1D weights; everything else maps one-to-one. The
+export drops the padded vocab rows (50257..vocab_size-1); the import adds them back as zeros, so
+export -> import -> export is exact, and a padded id's logit starts at 0 (training pushes it down).
+Needs safetensors only: transformers is not required to write or read these folders.
+"""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+GPT2_VOCAB_SIZE = 50257
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings")
+
+
+def hf_config(model_config):
+    """A transformers GPT2Config as a dict, from our model keys (n_layer, n_head, n_embd, block_size, ...)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": GPT2_VOCAB_SIZE,
+        "n_positions": model_config["block_size"], "n_ctx": model_config["block_size"],
+        "n_embd": model_config["n_embd"], "n_layer": model_config["n_layer"], "n_head": model_config["n_head"],
+        "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0, "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": bool(model_config.get("tie_embeddings", True)), "torch_dtype": "float32",
+    }
+
+
+def to_hf_state_dict(state_dict, tie_embeddings=True):
+    out = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight" and tie_embeddings:
+            continue  # HF ties lm_head to wte when it loads
+        if name.endswith(TRANSPOSED):
+            tensor = tensor.t()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:GPT2_VOCAB_SIZE]
+        out[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def export_hf(state_dict, model_config, out_dir):
+    """Write a GPT2LMHeadModel folder from our model weights and model keys."""
+    os.makedirs(out_dir, exist_ok=True)
+    tie = bool(model_config.get("tie_embeddings", True))
+    save_file(to_hf_state_dict(state_dict, tie), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(model_config), f, indent=2)
+
+
+def import_hf(folder, vocab_size=50304):
+    """(model keys, state dict for our GPT) from a local GPT-2 folder (config.json + model.safetensors)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    tie = bool(config.get("tie_word_embeddings", True))
+    model_keys = {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
+                  "block_size": config["n_positions"], "tie_embeddings": tie}
+    state = {}
+    for name, tensor in weights.items():
+        name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"  # bare GPT2Model
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of older transformers versions
+        if name.endswith(TRANSPOSED):
+            tensor = tensor.t()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            padded = torch.zeros(vocab_size, tensor.size(1), dtype=tensor.dtype)
+            padded[: tensor.size(0)] = tensor
+            tensor = padded
+        state[name] = tensor.contiguous()
+    if tie or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return model_keys, state
+
+
+def mismatched_keys(model_keys, config):
+    """Keys where a GPT-2 folder and the requested config disagree, as 'key: folder vs config'."""
+    return [f"{k}: {model_keys[k]} in the folder vs {getattr(config, k)} requested" for k in MODEL_KEYS
+            if model_keys[k] != getattr(config, k)]

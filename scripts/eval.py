@@ -1,0 +1,69 @@
+"""HellaSwag acc and acc_norm of a checkpoint or a local GPT-2 folder.
+
+    python scripts/eval.py out/gpt2_124m/ckpt_019073.pt
+    python scripts/eval.py path/to/gpt2_folder --hellaswag_path data/hellaswag/hellaswag_val.jsonl --limit 1000
+    torchrun --standalone --nproc_per_node=8 scripts/eval.py out/gpt2_124m/ckpt_019073.pt
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from data.tokenizer import encode  # noqa: E402
+from distributed import setup_distributed, teardown_distributed  # noqa: E402
+from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples  # noqa: E402
+from hf_interop import import_hf  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from train import autocast_context  # noqa: E402
+
+
+def load_model(path):
+    """A GPT from one of our checkpoints or from a GPT-2 folder (config.json + model.safetensors)."""
+    if os.path.isdir(path):
+        keys, state = import_hf(path)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        keys, state = checkpoint["config"], checkpoint["model"]
+    fields = GPTConfig.__dataclass_fields__
+    config = GPTConfig(**{k: v for k, v in keys.items() if k in fields})
+    if "vocab_size" not in keys:
+        config.vocab_size = state["transformer.wte.weight"].size(0)
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a checkpoint file written by train.py, or a GPT-2 folder")
+    parser.add_argument("--hellaswag_path", default="data/hellaswag/hellaswag_val.jsonl")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.model):
+        print(f"error: {args.model} does not exist", file=sys.stderr)
+        return 2
+    info = setup_distributed(args.device)
+    try:
+        examples = load_examples(fetch_hellaswag(args.hellaswag_path))
+        examples = examples[: args.limit] if args.limit else examples
+        model = load_model(args.model).to(info.device)
+        scores = evaluate_hellaswag(model, examples, encode, model.config.block_size, info.device, info.rank,
+                                    info.world_size, lambda: autocast_context(info.device_type))
+    except HellaSwagError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        teardown_distributed()
+    if info.is_master:
+        print(f"hellaswag: acc {scores['hellaswag_acc']:.4f} | acc_norm {scores['hellaswag_acc_norm']:.4f} | "
+              f"examples {scores['hellaswag_examples']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Export to and import from Hugging Face GPT-2 folders, checked against transformers itself."""
+
+import pytest
+import torch
+
+import train
+from hf_interop import export_hf, import_hf
+from model import GPT, GPTConfig
+from tests.conftest import read_metrics, run_python, tiny_args
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_model(tie=True):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, tie_embeddings=tie))
+    with torch.no_grad():
+        model.transformer.wte.weight[50257:] = 0  # what an import gives the padded rows
+        model.lm_head.weight[50257:] = 0
+    return model
+
+
+def model_keys(model):
+    c = model.config
+    return {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
+            "vocab_size": c.vocab_size, "tie_embeddings": c.tie_embeddings}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_exported_model_matches_ours_in_transformers(tmp_path, tie):
+    ours = random_model(tie).eval()
+    export_hf(ours.state_dict(), model_keys(ours), str(tmp_path / "hf"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert hf.config.vocab_size == 50257 and hf.config.tie_word_embeddings == tie
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        ours_logits = ours(idx)[0][..., :50257]
+        hf_logits = hf(idx).logits
+    assert (ours_logits - hf_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_import_round_trips_exactly(tmp_path, tie):
+    ours = random_model(tie)
+    export_hf(ours.state_dict(), model_keys(ours), str(tmp_path / "hf"))
+    keys, state = import_hf(str(tmp_path / "hf"))
+    assert keys == {k: v for k, v in model_keys(ours).items() if k != "vocab_size"}
+    original = ours.state_dict()
+    assert set(state) == set(original)
+    for name in original:
+        assert torch.equal(state[name], original[name]), name
+
+
+def test_import_from_a_transformers_save(tmp_path):
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(str(tmp_path / "saved"))
+    keys, state = import_hf(str(tmp_path / "saved"))
+    ours = GPT(GPTConfig(vocab_size=50304, **{k: keys[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}))
+    ours.load_state_dict(state)
+    idx = torch.randint(0, 50257, (1, 32))
+    with torch.no_grad():
+        assert (ours.eval()(idx)[0][..., :50257] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_train_init_from_a_folder_and_export_script(token_dir, tmp_path):
+    ours = random_model()
+    export_hf(ours.state_dict(), model_keys(ours), str(tmp_path / "hf"))
+    val = {}
+    for seed in (1, 2):
+        out = str(tmp_path / f"seed{seed}")
+        train.main(tiny_args(token_dir, out, f"--init_from={tmp_path / 'hf'}", f"--seed={seed}", "--max_steps=2"))
+        val[seed] = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m][0]
+    assert val[1] == val[2]  # the weights came from the folder, not from the seed
+    result = run_python(["scripts/export_hf.py", f"{tmp_path}/seed1/ckpt_000002.pt", str(tmp_path / "again")])
+    assert result.returncode == 0, result.stderr
+    assert transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "again")).config.n_layer == 2
+
+
+def test_init_from_another_shape_is_refused(token_dir, tmp_path):
+    ours = random_model()
+    export_hf(ours.state_dict(), model_keys(ours), str(tmp_path / "hf"))
+    result = run_python(["train.py", *tiny_args(token_dir, str(tmp_path / "out"), f"--init_from={tmp_path / 'hf'}",
+                                                "--n_layer=3")])
+    assert result.returncode == 2
+    assert "n_layer: 2 in the folder vs 3 requested" in result.stderr and "Traceback" not in result.stderr
