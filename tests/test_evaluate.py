@@ -1,0 +1,119 @@
+"""HellaSwag scoring, checked against a direct computation with transformers' GPT2LMHeadModel."""
+
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.tokenizer import encode
+from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples, render
+from hf_interop import export_hf
+from model import GPT, GPTConfig
+from tests.conftest import run_python
+
+transformers = pytest.importorskip("transformers")
+
+EXAMPLES = [
+    {"ctx": "A man is sitting on a roof. He", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+    {"ctx": "A woman is outside with a bucket and a dog. The dog is running around trying to avoid a bath. She",
+     "label": 2, "endings": ["rinses the bucket off with soap and blow dry the dog's head.",
+                             "uses a hose to keep it from getting soapy.", "gets the dog wet, then it runs away again.",
+                             "gets into a bath tub with the dog."]},
+    {"ctx": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles.",
+     "label": 0, "endings": [", the man adds wax to the windshield and cuts it.", ", a person board a ski lift.",
+                             ", the man puts on a christmas coat, knitted with netting.",
+                             ", the man continues removing the snow on his car."]},
+]
+
+
+def write_examples(path):
+    path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    return str(path)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def reference_scores(hf_model, example):
+    """Each ending alone through transformers: (summed, mean) loss of its tokens after the context."""
+    context = encode(example["ctx"])
+    summed, mean = [], []
+    for ending in example["endings"]:
+        ending_tokens = encode(" " + ending)
+        idx = torch.tensor([context + ending_tokens])
+        with torch.no_grad():
+            logits = hf_model(idx).logits[0, len(context) - 1: -1]
+        losses = F.cross_entropy(logits, torch.tensor(ending_tokens), reduction="none")
+        summed.append(losses.sum().item())
+        mean.append(losses.mean().item())
+    return summed, mean
+
+
+def test_scores_match_transformers(tmp_path):
+    ours = tiny_model()
+    keys = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "tie_embeddings": True}
+    export_hf(ours.state_dict(), keys, str(tmp_path / "hf"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    expected_acc = expected_acc_norm = 0
+    for example in EXAMPLES:
+        summed, mean = reference_scores(hf, example)
+        expected_acc += int(min(range(4), key=summed.__getitem__) == example["label"])
+        expected_acc_norm += int(min(range(4), key=mean.__getitem__) == example["label"])
+    scores = evaluate_hellaswag(ours, load_examples(write_examples(tmp_path / "hs.jsonl")), encode, 64, "cpu")
+    assert scores["hellaswag_examples"] == 3
+    assert scores["hellaswag_acc"] == pytest.approx(expected_acc / 3)
+    assert scores["hellaswag_acc_norm"] == pytest.approx(expected_acc_norm / 3)
+
+
+def test_render_masks_only_the_ending():
+    tokens, mask = render(EXAMPLES[0], encode, 64)
+    context = encode(EXAMPLES[0]["ctx"])
+    for i, ending in enumerate(EXAMPLES[0]["endings"]):
+        ending_tokens = encode(" " + ending)
+        assert tokens[i, : len(context)].tolist() == context
+        assert tokens[i][mask[i].bool()].tolist() == ending_tokens
+
+
+def test_rank_split_covers_every_example_once(tmp_path):
+    examples = load_examples(write_examples(tmp_path / "hs.jsonl"))
+    model = tiny_model()
+    whole = evaluate_hellaswag(model, examples, encode, 64, "cpu")
+    parts = [evaluate_hellaswag(model, examples, encode, 64, "cpu", rank=r, world_size=2) for r in (0, 1)]
+    assert sum(p["hellaswag_examples"] for p in parts) == 3
+    correct = sum(p["hellaswag_acc_norm"] * p["hellaswag_examples"] for p in parts)
+    assert correct == pytest.approx(whole["hellaswag_acc_norm"] * 3)
+
+
+def test_unreachable_download_fails_fast_with_advice(tmp_path):
+    start = time.time()
+    with pytest.raises(HellaSwagError, match="Download hellaswag_val.jsonl by hand"):
+        fetch_hellaswag(str(tmp_path / "hs.jsonl"), url="http://127.0.0.1:9/hellaswag_val.jsonl", timeout=5)
+    assert time.time() - start < 10
+
+
+def test_eval_script_on_a_checkpoint(tmp_path):
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64,
+                                                        "vocab_size": 50304, "tie_embeddings": True}},
+               tmp_path / "ckpt.pt")
+    result = run_python(["scripts/eval.py", str(tmp_path / "ckpt.pt"), "--device=cpu",
+                         f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}"])
+    assert result.returncode == 0, result.stderr
+    assert "acc_norm" in result.stdout and "examples 3" in result.stdout
+
+
+def test_training_logs_hellaswag_at_each_evaluation(token_dir, tmp_path):
+    import train
+    from tests.conftest import read_metrics, tiny_args
+
+    out = str(tmp_path / "run")
+    train.main(tiny_args(token_dir, out, "--hellaswag", f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}",
+                         "--max_steps=2"))
+    scores = [m for m in read_metrics(out) if "hellaswag_acc_norm" in m]
+    assert [m["step"] for m in scores] == [0, 2] and all(m["hellaswag_examples"] == 3 for m in scores)
