@@ -38,7 +38,7 @@ def open_shard(data_dir, shard):
     try:
         tokens = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:
-        raise DataError(f"shard '{path}' is unreadable ({e}): re-run data/prepare.py.") from None
+        raise DataError(f"shard '{path}' is truncated or unreadable ({e}): re-run data/prepare.py.") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1 or tokens.size != shard["tokens"]:
         raise DataError(
             f"shard '{path}' holds {tokens.size} {tokens.dtype} tokens, manifest.json says {shard['tokens']} "

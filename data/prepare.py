@@ -1,17 +1,25 @@
-"""Tokenize a text source into uint16 .npy shards plus manifest.json, through the `datasets` library.
+"""Tokenize any text source into uint16 .npy shards plus manifest.json, through the `datasets` library.
 
     python data/prepare.py --source data/shakespeare --out data/shakespeare_tokens --val_tokens 100000
     python data/prepare.py --source HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb10B
+    python data/prepare.py --verify data/fineweb10B        # check every shard's sha256 against the manifest
 
 SOURCE is a folder or file of .txt (one document per file), .jsonl or .parquet, or a Hugging Face
-dataset id (streamed). Each document is preceded by <|endoftext|>; the val shard comes first.
+dataset id (streamed, so 10B tokens never sit in memory). Each document is preceded by <|endoftext|>;
+the first documents, up to --val_tokens, make the val shard, which comes first. Output is identical
+whatever --workers, and a killed run re-run with the same arguments skips its finished shards.
 """
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
+import time
+import urllib.error
+import urllib.request
+from multiprocessing import Pool
 
 import numpy as np
 
@@ -21,6 +29,9 @@ if __name__ == "__main__":  # run as a script: make the repository root importab
 from data.tokenizer import EOT_TOKEN, encode  # noqa: E402
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+STATE_FILE = "prepare_state.json"  # progress of an unfinished run: options, documents consumed, shards done
+CARRY_FILE = "prepare_carry.npy"  # tokens read past the last finished shard
+CHUNK_DOCUMENTS = 256  # documents per task sent to a worker
 
 
 class PrepareError(Exception):
@@ -41,88 +52,246 @@ def local_files(source):
     return kinds.pop(), files
 
 
-def iter_documents(source, name=None, split="train", text_field="text"):
-    """Yield document strings from a local path or a Hugging Face dataset id, streaming."""
+def open_source(source, name=None, split="train"):
+    """A streaming `datasets` dataset for a local path or a Hugging Face dataset id."""
     import datasets
 
     if os.path.exists(source):
         builder, files = local_files(source)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-    else:
-        dataset = datasets.load_dataset(source, name=name, split=split, streaming=True)
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    check_hub(source)
+    try:
+        return datasets.load_dataset(source, name=name, split=split, streaming=True)
+    except Exception as e:  # the hub's errors come from several libraries; all mean the same to the user
+        raise PrepareError(
+            f"could not open '{source}' from the Hugging Face hub ({type(e).__name__}: {str(e)[:300]}). "
+            f"Check the dataset id, --name and your network, or give local .txt/.jsonl/.parquet files as --source."
+        ) from None
+
+
+def check_hub(source, timeout=10):
+    """One quick request to the hub before `datasets` starts its own retries (tens of seconds when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return  # offline mode: datasets reads its cache or says what is missing
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/datasets/{source}", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered (a 401/404 also comes for gated ids): datasets says the rest, with auth
+    except OSError as e:
+        raise PrepareError(f"'{source}' is not a local path, and the Hugging Face hub ({endpoint}) cannot be reached "
+                           f"({getattr(e, 'reason', e)}). Check your network, or give local .txt/.jsonl/.parquet "
+                           f"files as --source.") from None
+
+
+def iter_documents(dataset, text_field="text"):
+    """Document strings, empty ones included (they are skipped after tokenizing, so counts stay aligned)."""
     for row in dataset:
-        text = row.get(text_field)
-        if text is None:
+        if text_field not in row:
             raise PrepareError(f"documents have no field '{text_field}' (fields: {sorted(row)}); pass --text_field")
-        if text.strip():
-            yield text
+        yield row[text_field] or ""
 
 
-def tokenize_document(text):
-    return np.array([EOT_TOKEN] + encode(text), dtype=np.uint16)
+def tokenize_documents(texts):
+    """One uint16 array per document: <|endoftext|> then its tokens (empty documents give an empty array)."""
+    out = []
+    for text in texts:
+        if not text.strip():
+            out.append(np.empty(0, dtype=np.uint16))
+            continue
+        ids = np.array([EOT_TOKEN] + encode(text), dtype=np.int64)
+        if ids.max() >= 2**16:
+            raise PrepareError(f"token id {ids.max()} does not fit uint16: use a tokenizer with < 65536 ids")
+        out.append(ids.astype(np.uint16))
+    return out
 
 
-def write_shard(out_dir, name, tokens):
-    """Write tokens as a .npy file atomically: a temporary name, fsync, then rename."""
-    path = os.path.join(out_dir, name)
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path, write):
+    """Write through a temporary name, fsync, then rename: a crash leaves either nothing or the whole file."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        np.save(f, tokens)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"name": name, "tokens": int(tokens.size), "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
+
+
+def write_shard(out_dir, name, tokens):
+    """Write tokens as a .npy file atomically; return its manifest entry (without the split)."""
+    path = os.path.join(out_dir, name)
+    atomic_write(path, lambda f: np.save(f, tokens))
+    return {"name": name, "tokens": int(tokens.size), "sha256": sha256_of(path)}
+
+
+class ShardWriter:
+    """Collects document tokens into the val shard, then train shards of shard_size tokens, resumably."""
+
+    def __init__(self, out_dir, options, shard_size, val_tokens):
+        self.out_dir, self.options = out_dir, options
+        self.shard_size, self.val_tokens = shard_size, val_tokens
+        self.shards, self.documents, self.buffer, self.buffered = [], 0, [], 0
+        self.in_val = val_tokens > 0
+
+    def resume(self):
+        """Continue an unfinished run of the same options; return how many documents to skip."""
+        path = os.path.join(self.out_dir, STATE_FILE)
+        if not os.path.isfile(path):
+            return 0
+        with open(path) as f:
+            state = json.load(f)
+        if state["options"] != self.options:
+            raise PrepareError(f"{self.out_dir} holds an unfinished run with other options ({state['options']}): "
+                               f"re-run with those, or use an empty --out folder.")
+        for shard in state["shards"]:
+            shard_path = os.path.join(self.out_dir, shard["name"])
+            if not os.path.isfile(shard_path) or np.load(shard_path, mmap_mode="r").size != shard["tokens"]:
+                raise PrepareError(f"{shard_path} is missing or truncated: delete {self.out_dir} and start again.")
+        self.shards, self.documents, self.in_val = state["shards"], state["documents"], state["in_val"]
+        carry = np.load(os.path.join(self.out_dir, CARRY_FILE))
+        self.buffer, self.buffered = [carry], carry.size
+        return self.documents
+
+    def add(self, tokens):
+        self.documents += 1
+        if tokens.size == 0:
+            return
+        self.buffer.append(tokens)
+        self.buffered += tokens.size
+        if self.in_val and self.buffered >= self.val_tokens:
+            self._write("val", np.concatenate(self.buffer), np.empty(0, dtype=np.uint16))
+            self.in_val = False
+        while not self.in_val and self.buffered >= self.shard_size:
+            flat = np.concatenate(self.buffer)
+            self._write("train", flat[: self.shard_size], flat[self.shard_size:])
+
+    def _write(self, split, tokens, carry):
+        name = f"{split}_{len(self.shards):06d}.npy"
+        self.shards.append(dict(write_shard(self.out_dir, name, tokens), split=split))
+        self.buffer, self.buffered = [carry], carry.size
+        # the carry first, then the state that points at it: a kill between the two repeats no work wrongly
+        atomic_write(os.path.join(self.out_dir, CARRY_FILE), lambda f: np.save(f, carry))
+        state = {"options": self.options, "documents": self.documents, "shards": self.shards, "in_val": self.in_val
+                 and split != "val"}
+        atomic_write(os.path.join(self.out_dir, STATE_FILE), lambda f: f.write(json.dumps(state).encode()))
+        delay = float(os.environ.get("GPT2_PREPARE_SHARD_DELAY", "0"))  # test hook: time to kill a run mid-way
+        if delay:
+            time.sleep(delay)
+
+    def finish(self, source, name):
+        if self.buffered:
+            tokens = np.concatenate(self.buffer)
+            self._write("val" if self.in_val else "train", tokens, np.empty(0, dtype=np.uint16))
+        manifest = {"source": source, "name": name, "tokenizer": "gpt2", "dtype": "uint16", "shards": self.shards}
+        atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        for leftover in (STATE_FILE, CARRY_FILE):
+            os.remove(os.path.join(self.out_dir, leftover))
+        return manifest
+
+
+def chunks(iterable, size):
+    iterator = iter(iterable)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 def prepare(source, out_dir, name=None, split="train", text_field="text", shard_size=100_000_000,
-            val_tokens=10_000_000):
-    os.makedirs(out_dir, exist_ok=True)
-    shards = []
-    buffer, buffered = [], 0
-    in_val = val_tokens > 0
-    prefix = os.path.basename(os.path.normpath(out_dir))
-    for text in iter_documents(source, name, split, text_field):
-        tokens = tokenize_document(text)
-        buffer.append(tokens)
-        buffered += tokens.size
-        if in_val and buffered >= val_tokens:
-            shards.append(dict(write_shard(out_dir, f"{prefix}_val_{0:06d}.npy", np.concatenate(buffer)), split="val"))
-            buffer, buffered, in_val = [], 0, False
-        while not in_val and buffered >= shard_size:
-            flat = np.concatenate(buffer)
-            index = len(shards)
-            shards.append(dict(write_shard(out_dir, f"{prefix}_train_{index:06d}.npy", flat[:shard_size]), split="train"))
-            buffer, buffered = [flat[shard_size:]], flat.size - shard_size
-    if buffered:
-        split_name = "val" if in_val else "train"
-        shards.append(dict(write_shard(out_dir, f"{prefix}_{split_name}_{len(shards):06d}.npy", np.concatenate(buffer)),
-                           split=split_name))
-    manifest = {"source": source, "name": name, "tokenizer": "gpt2", "dtype": "uint16", "shards": shards}
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return manifest
+            val_tokens=10_000_000, workers=None, progress=True):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise PrepareError(f"cannot write to output folder {out_dir}: {e.strerror}. Choose a writable --out.") from None
+    options = {"source": source, "name": name, "split": split, "text_field": text_field, "shard_size": shard_size,
+               "val_tokens": val_tokens}
+    writer = ShardWriter(out_dir, options, shard_size, val_tokens)
+    skip = writer.resume()
+    documents = itertools.islice(iter_documents(open_source(source, name, split), text_field), skip, None)
+    workers = workers or os.cpu_count() or 1
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" docs", initial=skip, desc=f"tokenizing {source}", dynamic_ncols=True)
+    started, tokens_done = time.time(), 0
+    pool = Pool(workers) if workers > 1 else None
+    try:
+        batches = chunks(documents, CHUNK_DOCUMENTS)
+        results = pool.imap(tokenize_documents, batches) if pool else map(tokenize_documents, batches)
+        for batch in results:  # imap keeps the input order, so output is the same for any number of workers
+            for tokens in batch:
+                writer.add(tokens)
+                tokens_done += tokens.size
+            if bar is not None:
+                bar.update(len(batch))
+                rate = tokens_done / max(time.time() - started, 1e-9)
+                bar.set_postfix(tokens=f"{tokens_done:,}", tok_per_s=f"{rate:,.0f}", refresh=False)
+    finally:
+        if pool:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    return writer.finish(source, name)
+
+
+def verify(out_dir):
+    """Check every shard in the manifest exists with its token count and sha256; return the problems."""
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    problems = []
+    for shard in manifest["shards"]:
+        path = os.path.join(out_dir, shard["name"])
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+        elif sha256_of(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from manifest.json (corrupt or replaced)")
+    return problems
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True, help="folder/file of .txt, .jsonl, .parquet, or a HF dataset id")
-    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("--source", help="folder/file of .txt, .jsonl, .parquet, or a HF dataset id")
+    parser.add_argument("--out", help="output folder for shards and manifest.json")
     parser.add_argument("--name", default=None, help="HF dataset config name, e.g. sample-10BT")
     parser.add_argument("--split", default="train", help="HF dataset split")
     parser.add_argument("--text_field", default="text", help="field holding the document text")
     parser.add_argument("--shard_size", type=float, default=1e8, help="tokens per train shard")
     parser.add_argument("--val_tokens", type=float, default=1e7, help="tokens (whole documents) in the val split")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: all cores)")
+    parser.add_argument("--verify", metavar="DIR", help="check the shards in DIR against its manifest.json and exit")
     args = parser.parse_args(argv)
     try:
+        if args.verify:
+            if not os.path.isfile(os.path.join(args.verify, "manifest.json")):
+                raise PrepareError(f"no manifest.json in {args.verify}")
+            problems = verify(args.verify)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
+            print(f"{args.verify}: {'all shards match manifest.json' if not problems else 'FAILED'}")
+            return 2 if problems else 0
+        if not args.source or not args.out:
+            parser.error("--source and --out are required (or --verify DIR)")
+        if args.shard_size < 1 or args.val_tokens < 0:
+            raise PrepareError("--shard_size must be positive and --val_tokens not negative")
         manifest = prepare(args.source, args.out, args.name, args.split, args.text_field, int(args.shard_size),
-                           int(args.val_tokens))
+                           int(args.val_tokens), args.workers or None)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     total = sum(s["tokens"] for s in manifest["shards"])
     print(f"wrote {len(manifest['shards'])} shards, {total:,} tokens, to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
