@@ -112,11 +112,13 @@ class DataLoader:
             shard, start = self._window_start(index)
             rows.append(self.tokens[shard][start:start + self.block_size + 1])
         self.position += self.batch_size * self.world_size
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
-        x, y = buf[:, :-1], buf[:, 1:]
+        buf = np.stack(rows)  # (B, T + 1) uint16: the only copy out of the memory map
+        # int64 conversion in numpy, one thread: torch's parallel copy stalls when the cores are busy training
+        x = torch.from_numpy(buf[:, :-1].astype(np.int64))
+        y = torch.from_numpy(buf[:, 1:].astype(np.int64))
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.contiguous().to(self.device), y.contiguous().to(self.device)
+        return x.to(self.device), y.to(self.device)
 
     def state_dict(self):
         return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle, "shards": self.names,

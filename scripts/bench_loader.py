@@ -57,8 +57,10 @@ def main():
         elapsed = time.perf_counter() - start
         tokens = args.batches * args.batch_size * args.block_size
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Rss"))
         print(f"loader: {tokens / elapsed / 1e6:.1f}M tokens/s ({args.batch_size} x {args.block_size}, shuffled, "
-              f"{args.batches} batches) | peak RSS {peak:.0f} MB (before the loader: {rss_before:.0f} MB)")
+              f"{args.batches} batches) | peak RSS {peak:.0f} MB (before the loader: {rss_before:.0f} MB; now "
+              f"anonymous {status['RssAnon'].strip()}, file-backed shard pages {status['RssFile'].strip()})")
 
 
 if __name__ == "__main__":
