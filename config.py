@@ -137,7 +137,8 @@ def _convert(key, value, target, source):
 def read_config_file(path):
     """Run a `key = value` config file in its own namespace and return the values it set."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' not found. Config files live in configs/, e.g. configs/shakespeare.py.")
+        raise ConfigError(f"config file '{path}' not found. Config files live in configs/, "
+                          f"e.g. configs/shakespeare.py.")
     namespace = {}
     with open(path) as f:
         source = f.read()

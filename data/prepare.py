@@ -191,7 +191,8 @@ class ShardWriter:
             tokens = np.concatenate(self.buffer)
             self._write("val" if self.in_val else "train", tokens, np.empty(0, dtype=np.uint16))
         manifest = {"source": source, "name": name, "tokenizer": "gpt2", "dtype": "uint16", "shards": self.shards}
-        atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        text = json.dumps(manifest, indent=2).encode()
+        atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
         for leftover in (STATE_FILE, CARRY_FILE):
             os.remove(os.path.join(self.out_dir, leftover))
         return manifest

@@ -23,7 +23,8 @@ from data.prepare import write_shard  # noqa: E402
 
 def make_shards(folder, shard_tokens):
     rng = np.random.default_rng(0)
-    shards = [dict(write_shard(folder, "val_000000.npy", rng.integers(0, 50257, 100_000, dtype=np.uint16)), split="val")]
+    val = rng.integers(0, 50257, 100_000, dtype=np.uint16)
+    shards = [dict(write_shard(folder, "val_000000.npy", val), split="val")]
     for i in (1, 2):
         tokens = rng.integers(0, 50257, shard_tokens, dtype=np.uint16)
         shards.append(dict(write_shard(folder, f"train_{i:06d}.npy", tokens), split="train"))
