@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from multiprocessing import Pool
+import multiprocessing
 
 import numpy as np
 
@@ -225,7 +225,8 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
 
         bar = tqdm(unit=" docs", initial=skip, desc=f"tokenizing {source}", dynamic_ncols=True)
     started, tokens_done = time.time(), 0
-    pool = Pool(workers) if workers > 1 else None
+    # spawn, not fork: forking a process that runs threads (W&B, torch) can deadlock the children
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         batches = chunks(documents, CHUNK_DOCUMENTS)
         results = pool.imap(tokenize_documents, batches) if pool else map(tokenize_documents, batches)
