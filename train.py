@@ -252,6 +252,7 @@ def main(argv=None):
     info = setup_distributed(config.device)
     try:
         train(config, info)
+        barrier(info)  # no rank closes its connections while another still finishes its last save
     except (ConfigError, DataError, NonFiniteError) as e:
         fail(e)
     finally:
