@@ -1,8 +1,10 @@
 """Convert between our checkpoints and Hugging Face GPT2LMHeadModel folders (config.json + model.safetensors).
 
 Our nn.Linear weights are the transpose of HF's Conv1D weights; everything else maps one-to-one. The
-export drops the padded vocab rows (50257..vocab_size-1); the import adds them back as zeros, so
-export -> import -> export is exact, and a padded id's logit starts at 0 (training pushes it down).
+export drops the padded vocab rows (50257..vocab_size-1); the import adds them back as the mean of the
+real rows: a zero row would give padded ids logit 0, far above a trained GPT-2's typical logits, and
+they would take most of the softmax; the mean row gives them about the mean logit. Export -> import ->
+export is exact.
 Needs safetensors only: transformers is not required to write or read these folders.
 """
 
@@ -68,7 +70,7 @@ def import_hf(folder, vocab_size=50304):
         if name.endswith(TRANSPOSED):
             tensor = tensor.t()
         if name in ("transformer.wte.weight", "lm_head.weight"):
-            padded = torch.zeros(vocab_size, tensor.size(1), dtype=tensor.dtype)
+            padded = tensor.mean(dim=0, keepdim=True).repeat(vocab_size, 1)
             padded[: tensor.size(0)] = tensor
             tensor = padded
         state[name] = tensor.contiguous()
