@@ -14,7 +14,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-GPT2_VOCAB_SIZE = 50257
+from model import GPT2_VOCAB_SIZE
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings")
 

@@ -165,7 +165,6 @@ def train(config, info):
     stop = StopSignal(info)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
-    val_loss = None
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
         stopping = stop.requested()
