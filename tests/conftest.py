@@ -39,6 +39,20 @@ def token_dir(tmp_path):
     return make_token_shards(str(tmp_path / "tokens"))
 
 
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """W&B writing into tmp_path, with no wandb service left over from another test (nor for the next)."""
+    import wandb
+
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    yield
+    wandb.teardown()
+
+
 def tiny_args(data_dir, out_dir, *extra):
     """Flags for a fast CPU run of a tiny model."""
     return TINY_MODEL + [

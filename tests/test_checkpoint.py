@@ -150,9 +150,7 @@ def test_sample_script_generates_from_a_checkpoint(token_dir, tmp_path):
     assert result.stdout.count("Hello") == 2
 
 
-def test_resumed_run_continues_the_same_wandb_run(token_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_resumed_run_continues_the_same_wandb_run(token_dir, tmp_path, wandb_env):
     out = run(token_dir, tmp_path / "run", "--max_steps=2", "--wandb_mode=offline")
     run(token_dir, out, "--max_steps=3", "--wandb_mode=offline")
     first, second = (torch.load(os.path.join(out, f"ckpt_{s:06d}.pt"), weights_only=True) for s in (2, 3))

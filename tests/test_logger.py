@@ -41,6 +41,11 @@ def wandb_records(path):
 
 def read_wandb_run(run_dir):
     """(run id, config dict, list of history rows as dicts) from an offline run folder."""
+    import wandb
+
+    # run.finish() can return before wandb's service process has written out and closed the .wandb file;
+    # teardown waits for that service to finish and exit (a later wandb.init starts a new one)
+    wandb.teardown()
     (path,) = glob.glob(os.path.join(run_dir, "*.wandb"))
     run_id, config, rows = None, {}, []
     for record in wandb_records(path):
@@ -54,14 +59,6 @@ def read_wandb_run(run_dir):
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return run_id, config, rows
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
 
 
 def test_offline_run_logs_metrics_samples_config_and_resumes_same_run(token_dir, tmp_path, wandb_env):
