@@ -49,5 +49,10 @@ def encode(text):
     return get_encoding().encode_ordinary(text)
 
 
+def encode_array(text):
+    """The same ids as encode(), as a uint32 numpy array straight from tiktoken (no Python list in between)."""
+    return get_encoding().encode_to_numpy(text, disallowed_special=())
+
+
 def decode(ids):
     return get_encoding().decode(list(ids))

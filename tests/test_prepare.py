@@ -34,6 +34,11 @@ def write_source(tmp_path, kind, docs=DOCS):
     return str(folder)
 
 
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_document_count_for_the_progress_bar(tmp_path, kind):
+    assert prepare_module.count_documents(write_source(tmp_path, kind)) == len(DOCS)
+
+
 def all_tokens(out_dir):
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
     return manifest, np.concatenate([np.load(os.path.join(out_dir, s["name"])) for s in manifest["shards"]])
@@ -105,7 +110,7 @@ def test_empty_documents_are_skipped(tmp_path):
 
 
 def test_token_ids_beyond_uint16_are_refused(monkeypatch):
-    monkeypatch.setattr(prepare_module, "encode", lambda text: [70000])
+    monkeypatch.setattr(prepare_module, "encode_array", lambda text: np.array([70000], dtype=np.uint32))
     with pytest.raises(PrepareError, match="does not fit uint16"):
         prepare_module.tokenize_documents(["anything"])
 

@@ -21,3 +21,9 @@ def test_rank_file_hash_is_checked(tmp_path):
     bad.write_bytes(open(tokenizer.RANK_FILE, "rb").read()[:-10])
     with pytest.raises(ValueError, match="sha256"):
         tokenizer.load_ranks(str(bad))
+
+
+def test_encode_array_gives_the_same_ids_as_encode():
+    for text in ["Hello world", "a <|endoftext|> b", "  tabs\tand\nnewlines ünïcödé 123", ""]:
+        ids = tokenizer.encode_array(text)
+        assert ids.dtype.name == "uint32" and ids.tolist() == tokenizer.encode(text)
