@@ -130,8 +130,12 @@ def train(config, info):
     # data
     loader_args = dict(batch_size=config.batch_size, block_size=config.block_size, rank=info.rank,
                        world_size=info.world_size, seed=config.seed, device=info.device)
+    started = time.time()
     train_loader = DataLoader(config.data_dir, "train", shuffle=config.shuffle, **loader_args)
     val_loader = DataLoader(config.data_dir, "val", shuffle=False, **loader_args)
+    if train_loader.hashed_bytes + val_loader.hashed_bytes:
+        log(f"checked the sha256 of {(train_loader.hashed_bytes + val_loader.hashed_bytes) / 1e9:.2f} GB of shards "
+            f"against manifest.json in {time.time() - started:.1f}s (not again while they are unchanged)")
     hellaswag = hellaswag_examples(config, info)
 
     # model: the same initial weights on every rank

@@ -7,6 +7,7 @@ takes its own batch_size of them, so the windows of optimizer step s are the sam
 size and the micro-batch size. The position in the stream is the whole state.
 """
 
+import hashlib
 import json
 import os
 
@@ -47,14 +48,64 @@ def open_shard(data_dir, shard):
     return tokens
 
 
+VERIFIED_FILE = ".verified.json"  # sha256 already checked, per shard, with the size and mtime it had then
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_hashes(data_dir, shards):
+    """Check each shard's sha256 against the manifest; return the bytes hashed (0 when all were cached).
+
+    Hashing reads every byte (seconds per GB), so a shard whose size and mtime are those it had when it was
+    last checked is not hashed again; the record is kept in data_dir when it is writable.
+    """
+    cache_path = os.path.join(data_dir, VERIFIED_FILE)
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    hashed = 0
+    for shard in shards:
+        if "sha256" not in shard:
+            continue  # a manifest written by other tools may carry no hashes
+        path = os.path.join(data_dir, shard["name"])
+        stat = os.stat(path)
+        stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": shard["sha256"]}
+        if cache.get(shard["name"]) == stamp:
+            continue
+        if sha256_of(path) != shard["sha256"]:
+            raise DataError(f"shard '{path}' does not match the sha256 in manifest.json: it is corrupt or from "
+                            f"another run; re-run data/prepare.py (python data/prepare.py --verify {data_dir} "
+                            f"checks every shard).")
+        cache[shard["name"]] = stamp
+        hashed += stat.st_size
+    if hashed:
+        tmp = f"{cache_path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # a read-only data folder: the shards are hashed again next time
+    return hashed
+
+
 class DataLoader:
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
-                 shuffle=True, device="cpu"):
+                 shuffle=True, device="cpu", verify=True):
         manifest = read_manifest(data_dir)
         shards = [s for s in manifest["shards"] if s["split"] == split]
         if not shards:
             raise DataError(f"no '{split}' shards in '{data_dir}/manifest.json': re-run data/prepare.py.")
         self.tokens = [open_shard(data_dir, s) for s in shards]
+        self.hashed_bytes = verify_hashes(data_dir, shards) if verify else 0
         self.names = [s["name"] for s in shards]
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size

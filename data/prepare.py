@@ -11,7 +11,6 @@ whatever --workers, and a killed run re-run with the same arguments skips its fi
 """
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 if __name__ == "__main__":  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data.loader import sha256_of  # noqa: E402
 from data.tokenizer import EOT_TOKEN, encode_array  # noqa: E402
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -145,14 +145,6 @@ def tokenize_documents(texts):
     if tokens.size and tokens.max() >= 2**16:
         raise PrepareError(f"token id {tokens.max()} does not fit uint16: use a tokenizer with < 65536 ids")
     return tokens.astype(np.uint16), np.array(lengths, dtype=np.int64)
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write(path, write):

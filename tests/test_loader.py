@@ -100,3 +100,17 @@ def test_state_of_other_data_is_refused(numbered_dir):
     state = DataLoader(numbered_dir, "train", 4, BLOCK).state_dict()
     with pytest.raises(DataError, match="block_size"):
         DataLoader(numbered_dir, "train", 4, 2 * BLOCK).load_state_dict(state)
+
+
+def test_shard_hashes_are_checked_once_until_a_shard_changes(numbered_dir):
+    from data.loader import DataError
+
+    first = DataLoader(numbered_dir, "train", 4, BLOCK)
+    assert first.hashed_bytes > 0
+    assert DataLoader(numbered_dir, "train", 4, BLOCK).hashed_bytes == 0  # unchanged shards: the record holds
+    path = f"{numbered_dir}/train_000002.npy"
+    tokens = np.load(path)
+    tokens[-1] += 1  # same size, other content
+    np.save(path, tokens)
+    with pytest.raises(DataError, match="train_000002.npy.*sha256"):
+        DataLoader(numbered_dir, "train", 4, BLOCK)

@@ -141,6 +141,8 @@ def test_missing_truncated_and_corrupt_shards_are_named(tmp_path):
     with pytest.raises(DataError, match=f"{victim.name}.*truncated"):
         DataLoader(str(out), "train", 2, 16)
     victim.write_bytes(original[:-2] + b"\x00\x01")  # same size, other content: only the hash tells
+    with pytest.raises(DataError, match=f"{victim.name}.*sha256"):
+        DataLoader(str(out), "train", 2, 16)
     result = run_python(["data/prepare.py", "--verify", str(out)])
     assert result.returncode == 2 and victim.name in result.stderr and "sha256" in result.stderr
     victim.unlink()

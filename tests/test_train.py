@@ -2,6 +2,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,9 +70,14 @@ def test_bare_train_py_points_to_fineweb_preparation(tmp_path):
     assert "data/fineweb10B" in result.stderr and "fineweb-edu" in result.stderr.lower()
 
 
-def test_missing_shard_is_named(tmp_path):
+@pytest.mark.parametrize("damage, message", [("remove", "missing"), ("overwrite", "sha256")])
+def test_missing_or_corrupt_shard_is_named(tmp_path, damage, message):
     data_dir = make_token_shards(str(tmp_path / "tokens"))
-    os.remove(os.path.join(data_dir, "tiny_train_000002.npy"))
+    path = os.path.join(data_dir, "tiny_train_000002.npy")
+    if damage == "remove":
+        os.remove(path)
+    else:
+        np.save(path, np.load(path)[::-1].copy())  # same size and dtype: only the hash tells
     result = run_python(["train.py", *tiny_args(data_dir, str(tmp_path / "out"))])
-    assert result.returncode == 2
-    assert "tiny_train_000002.npy" in result.stderr and "missing" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tiny_train_000002.npy" in result.stderr and message in result.stderr
