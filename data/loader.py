@@ -7,12 +7,13 @@ takes its own batch_size of them, so the windows of optimizer step s are the sam
 size and the micro-batch size. The position in the stream is the whole state.
 """
 
-import hashlib
 import json
 import os
 
 import numpy as np
 import torch
+
+from data.shards import sha256_of
 
 
 class DataError(Exception):
@@ -49,14 +50,6 @@ def open_shard(data_dir, shard):
 
 
 VERIFIED_FILE = ".verified.json"  # sha256 already checked, per shard, with the size and mtime it had then
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_hashes(data_dir, shards):

@@ -24,7 +24,7 @@ import numpy as np
 if __name__ == "__main__":  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.loader import sha256_of  # noqa: E402
+from data.shards import atomic_write, sha256_of, write_shard  # noqa: E402
 from data.tokenizer import EOT_TOKEN, encode_array  # noqa: E402
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -145,23 +145,6 @@ def tokenize_documents(texts):
     if tokens.size and tokens.max() >= 2**16:
         raise PrepareError(f"token id {tokens.max()} does not fit uint16: use a tokenizer with < 65536 ids")
     return tokens.astype(np.uint16), np.array(lengths, dtype=np.int64)
-
-
-def atomic_write(path, write):
-    """Write through a temporary name, fsync, then rename: a crash leaves either nothing or the whole file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_shard(out_dir, name, tokens):
-    """Write tokens as a .npy file atomically; return its manifest entry (without the split)."""
-    path = os.path.join(out_dir, name)
-    atomic_write(path, lambda f: np.save(f, tokens))
-    return {"name": name, "tokens": int(tokens.size), "sha256": sha256_of(path)}
 
 
 class ShardWriter:

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from data.loader import DataLoader  # noqa: E402
-from data.prepare import write_shard  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 
 def make_shards(folder, shard_tokens):

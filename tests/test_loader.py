@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.loader import DataLoader
-from data.prepare import write_shard
+from data.shards import write_shard
 
 BLOCK = 16
 
