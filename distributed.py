@@ -5,8 +5,11 @@ Under torchrun (RANK and WORLD_SIZE set) this starts torch.distributed: NCCL wit
 Without torchrun it is a single process and nothing is started.
 """
 
+import contextlib
 import datetime
+import gc
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,20 @@ def pick_device(requested, local_rank=0):
     return "cpu"
 
 
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block SIGTERM/SIGINT in this thread meanwhile: threads started inside inherit the block, so a signal
+    always lands in the main thread (where our handler runs), never in a communication thread mid-call."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def setup_distributed(requested_device="auto", timeout_seconds=300):
     """Start the process group when launched by torchrun; return who we are and where to compute."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -59,13 +76,16 @@ def setup_distributed(requested_device="auto", timeout_seconds=300):
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds),
-                            device_id=torch.device(device) if backend == "nccl" else None)
+    with stop_signals_blocked():  # the backend's threads start with them blocked and keep them so
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds),
+                                device_id=torch.device(device) if backend == "nccl" else None)
+        dist.barrier()  # the backend connects (and starts its threads) here at the latest
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, ddp=True)
 
 
 def teardown_distributed():
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # a DDP wrapper caught in a reference cycle lets go of the process group now, not at exit
         dist.destroy_process_group()
 
 
