@@ -4,7 +4,8 @@ The training stream is a sequence of windows of block_size + 1 tokens (x = windo
 Each epoch visits the shards, and the windows inside each shard, in an order shuffled from the seed.
 A call to next_batch() consumes batch_size * world_size consecutive windows of that stream and rank r
 takes its own batch_size of them, so the windows of optimizer step s are the same set whatever the world
-size and the micro-batch size. The position in the stream is the whole state.
+size and the micro-batch size. The position in the stream is the whole state. At start every shard is
+checked against manifest.json: present, of its token count, and of its sha256 (hashed once per change).
 """
 
 import json
@@ -92,13 +93,13 @@ def verify_hashes(data_dir, shards):
 
 class DataLoader:
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
-                 shuffle=True, device="cpu", verify=True):
+                 shuffle=True, device="cpu"):
         manifest = read_manifest(data_dir)
         shards = [s for s in manifest["shards"] if s["split"] == split]
         if not shards:
             raise DataError(f"no '{split}' shards in '{data_dir}/manifest.json': re-run data/prepare.py.")
         self.tokens = [open_shard(data_dir, s) for s in shards]
-        self.hashed_bytes = verify_hashes(data_dir, shards) if verify else 0
+        self.hashed_bytes = verify_hashes(data_dir, shards)
         self.names = [s["name"] for s in shards]
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size

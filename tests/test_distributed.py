@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import read_metrics, run_python, tiny_args
+from tests.test_evaluate import write_examples
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(os.sys.executable)) or "torchrun"
 
@@ -62,15 +63,22 @@ def test_bad_batch_arithmetic_is_one_message_and_every_rank_fails(token_dir, tmp
 
 
 def test_compile_with_ddp_trains_evaluates_and_samples(token_dir, tmp_path):
+    """torch.compile under 2-process DDP against eager single-process: losses, val loss and HellaSwag
+    (split across the ranks and all-reduced) agree."""
     eager_out, compiled_out = str(tmp_path / "eager"), str(tmp_path / "compiled")
-    common = ["--max_steps=2", "--eval_interval=2", "--sample_tokens=4"]
+    hellaswag = write_examples(tmp_path / "hellaswag.jsonl")
+    common = ["--max_steps=2", "--eval_interval=2", "--sample_tokens=4", "--hellaswag", f"--hellaswag_path={hellaswag}"]
     assert torchrun(1, "tests/torchrun_worker.py", tiny_args(token_dir, eager_out, *common)).returncode == 0
     result = torchrun(2, "tests/torchrun_worker.py", tiny_args(token_dir, compiled_out, "--compile", *common),
                       timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sample at step 2" in result.stdout
     eager, compiled = read_metrics(eager_out), read_metrics(compiled_out)
+    assert len(eager) == len(compiled)
     for a, b in zip(eager, compiled):
         for key in ("loss", "val_loss"):
             if key in a:
                 assert math.isclose(a[key], b[key], rel_tol=1e-4), (key, a, b)
+    scores = [[m for m in run if "hellaswag_acc_norm" in m] for run in (eager, compiled)]
+    assert [m["step"] for m in scores[1]] == [0, 2] and all(m["hellaswag_examples"] == 3 for m in scores[1])
+    assert scores[0][0] == scores[1][0]  # the same initial weights score the same, compiled on 2 ranks or not
