@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from data.shards import sha256_of
+from data.shards import atomic_write, sha256_of
 
 
 class DataError(Exception):
@@ -81,13 +81,10 @@ def verify_hashes(data_dir, shards):
         cache[shard["name"]] = stamp
         hashed += stat.st_size
     if hashed:
-        tmp = f"{cache_path}.tmp.{os.getpid()}"
         try:
-            with open(tmp, "w") as f:
-                json.dump(cache, f)
-            os.replace(tmp, cache_path)
+            atomic_write(cache_path, lambda f: f.write(json.dumps(cache).encode()))
         except OSError:
-            pass  # a read-only data folder: the shards are hashed again next time
+            pass  # a read-only data folder (or another rank renamed the same record first): hashed again next time
     return hashed
 
 
