@@ -144,6 +144,16 @@ def trim_metrics(out_dir, step):
         f.writelines(kept)
 
 
+def load_optimizer_state(optimizer, state):
+    """Restore moments and step counts, but keep this run's hyperparameters: torch's load_state_dict would
+    bring back the checkpoint's lr, weight decay and betas, silently undoing a --learning_rate=... override
+    that the resume reports as a change."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, configured, strict=True):
+        group.update(hyper)
+
+
 class Checkpointer:
     """Saves and restores the whole training state; every rank calls save() and resume() together."""
 
@@ -192,7 +202,7 @@ class Checkpointer:
                 self.log(f"resume: config changed since the checkpoint, {change}")
             self.model.load_state_dict(checkpoint["model"])
             for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
-                optimizer.load_state_dict(state)
+                load_optimizer_state(optimizer, state)
             ranks = checkpoint["ranks"]
             if len(ranks) != self.info.world_size:
                 self.log(f"resume: world size {len(ranks)} -> {self.info.world_size}: the data order is kept, "
@@ -247,10 +257,13 @@ class Checkpointer:
         self.log(f"saved checkpoint {path}")
         return True
 
+    def due(self, step, force):
+        """Whether maybe_save(step, force) writes: every checkpoint_interval steps, and when forced."""
+        return step > self.start_step and (force or step % self.config.checkpoint_interval == 0)
+
     def maybe_save(self, step, force, nonfinite_steps=0):
         """Save every checkpoint_interval steps, and when forced (end of training, a stop signal)."""
-        due = force or step % self.config.checkpoint_interval == 0
-        if step <= self.start_step or not due:
+        if not self.due(step, force):
             return
         checkpoint = self._state(step, nonfinite_steps)
         path = os.path.join(self.config.out_dir, f"ckpt_{step:06d}.pt")

@@ -5,8 +5,11 @@ MFU = achieved model FLOP/s / the device's dense bf16 peak, with training FLOPs 
 position embedding as nanoGPT counts it). On CPU there is no honest peak, so MFU is None ("n/a").
 """
 
+import copy
+
 import torch
 
+from fused_loss import rows_per_chunk
 from model import GPT, flops_per_token
 
 # dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets.
@@ -64,18 +67,33 @@ def memory_estimate(config, n_params, bf16=True):
     """Bytes of GPU memory per process: fp32 weights, gradients, optimizer state, activations of one micro-batch.
 
     Activations follow Korthikanti et al. 2022 (34*B*T*C bytes per layer at 2 bytes a value, with flash
-    attention so no T*T scores are kept), plus the logits: bf16 logits, their fp32 copy and the
-    cross-entropy's fp32 softmax. A rough guide, not a promise: torch.compile usually needs less.
+    attention so no T*T scores are kept), plus the chunked loss (fused_loss.py): one chunk's logits in
+    bf16, float32 and their bf16 gradient, and the float32 gradients of the last hidden states and the
+    lm_head weight it keeps. A rough guide, not a promise: measured peaks are in the README.
     """
     B, T, C, V = config.batch_size, config.block_size, config.n_embd, config.vocab_size
     value_scale = 1 if bf16 else 2
+    rows = rows_per_chunk(B * T, V, torch.device("cuda"))
     # adamw keeps two fp32 moments per parameter; muon keeps one momentum on most, so this is an upper bound
     return {
         "weights": 4 * n_params,
         "gradients": 4 * n_params,
         "optimizer state": 8 * n_params,
-        "activations": value_scale * 34 * B * T * C * config.n_layer + B * T * V * ((2 if bf16 else 4) + 4 + 4),
+        "activations": value_scale * 34 * B * T * C * config.n_layer,
+        "loss": rows * V * ((2 if bf16 else 4) + 4 + 2) + 4 * B * T * C + 4 * V * C,
     }
+
+
+def largest_batch_size(config, n_params, memory_bytes):
+    """The largest batch_size whose memory_estimate fits in memory_bytes (0 when none does)."""
+    fits = 0
+    for batch_size in range(1, 4097):
+        trial = copy.copy(config)
+        trial.batch_size = batch_size
+        if sum(memory_estimate(trial, n_params).values()) > memory_bytes:
+            break
+        fits = batch_size
+    return fits
 
 
 def gib(n_bytes):
@@ -100,6 +118,7 @@ def dry_run_report(config, gpt_config, grad_accum_steps, world_size=1):
         "GPU memory per process (estimate, bf16 autocast): "
         + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
         + f", total {gib(sum(memory.values()))}",
+        f"largest batch_size whose estimate fits an 80 GB GPU: {largest_batch_size(config, n_params, 80e9)}",
     ]
     for name in ("H100", "A100"):
         seconds = per_token * tokens_per_step / (0.45 * peak_flops_for(name) * world_size)

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fused_loss import linear_cross_entropy
+
 GPT2_VOCAB_SIZE = 50257  # real tokens; ids from here up to vocab_size are padding
 
 
@@ -108,6 +110,7 @@ class GPT(nn.Module):
         return n
 
     def forward(self, idx, targets=None):
+        """(logits, None) without targets; (None, mean cross-entropy over targets != -1) with them."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
@@ -115,11 +118,11 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, vocab_size) for sampling and scoring
+        # training and val loss: lm_head and cross-entropy a chunk of rows at a time, never all the logits
+        return None, linear_cross_entropy(x, self.lm_head.weight, targets)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):

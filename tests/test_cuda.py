@@ -69,3 +69,22 @@ def test_one_gpu_torchrun_uses_nccl(token_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device: cuda:0 | world size: 1" in result.stdout
     assert os.path.isfile(os.path.join(out, "ckpt_000003.pt"))
+
+
+def test_fused_loss_matches_full_logits_under_bf16_autocast():
+    from fused_loss import linear_cross_entropy
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8192 + 100, 256, device="cuda", generator=generator, requires_grad=True)
+    weight = (0.05 * torch.randn(50304, 256, device="cuda", generator=generator)).requires_grad_()
+    targets = torch.randint(0, 50257, (x.size(0),), device="cuda", generator=generator)
+    targets[::5] = -1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = torch.nn.functional.cross_entropy((x @ weight.t()).float(), targets, ignore_index=-1)
+        loss = linear_cross_entropy(x, weight, targets)
+    expected_grads = torch.autograd.grad(expected, (x, weight))
+    grads = torch.autograd.grad(loss, (x, weight))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-3)
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == want.dtype == torch.float32
+        assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 matmuls either way

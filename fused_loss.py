@@ -1,0 +1,107 @@
+"""The language-model loss without the full logits: lm_head + cross-entropy, a chunk of rows at a time.
+
+Plain `F.cross_entropy(lm_head(x).float(), targets)` holds the (B*T, V) logits, their float32 copy and
+the softmax gradient at once: about 5 GB for GPT-2 124M at batch 8 x 1024, 13 GB per float32 copy at
+batch 64. Here each chunk of rows gets its logits, its loss and the gradient of both inputs (x and the
+lm_head weight) in the forward pass, and the chunk's logits are freed before the next one; backward only
+scales the stored gradients. Same arithmetic as the plain loss: logits in the autocast dtype (bf16 on
+GPUs), softmax in float32, the softmax over every column of the padded vocabulary, -1 targets ignored.
+"""
+
+import torch
+
+# float32 logits kept per chunk: 2**28 elements is 1 GiB (5,300 rows of GPT-2's 50304 columns) on a GPU;
+# on a CPU smaller chunks stay below glibc's mmap threshold games and in the last-level cache longer
+GPU_CHUNK_ELEMENTS = 2**28
+CPU_CHUNK_ELEMENTS = 2**22
+
+
+def _chunk_loss_and_grad(logits, targets, dtype):
+    """Summed loss of the valid rows and d(summed loss)/d(logits), in the logits' dtype."""
+    logits = logits.float()  # the softmax in float32 whatever the matmul dtype
+    valid = targets != -1
+    rows = torch.arange(targets.numel(), device=targets.device)
+    safe_targets = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss_sum = torch.where(valid, lse - logits[rows, safe_targets], 0.0).sum()
+    grad = torch.exp(logits - lse[:, None])  # softmax
+    grad[rows, safe_targets] -= 1.0
+    grad = grad * valid[:, None]
+    return loss_sum, grad.to(dtype)
+
+
+_compiled_chunk = None
+
+
+def chunk_loss_and_grad(logits, targets):
+    """Inside a compiled model inductor fuses this with the rest; an eager model on CUDA gets it compiled
+    on its own (two fused kernels instead of seven passes over the logits)."""
+    global _compiled_chunk
+    if not logits.is_cuda or torch.compiler.is_compiling():
+        return _chunk_loss_and_grad(logits, targets, logits.dtype)
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk(logits, targets, logits.dtype)
+
+
+def rows_per_chunk(n_rows, vocab_size, device):
+    """A power of two (B*T usually divides into equal chunks: one compiled shape) within the budget."""
+    budget = GPU_CHUNK_ELEMENTS if device.type == "cuda" else CPU_CHUNK_ELEMENTS
+    rows = 1 << max(0, (budget // vocab_size).bit_length() - 1)
+    return min(n_rows, rows)
+
+
+def compute_dtype(x):
+    """The matmul dtype autocast would pick for x's device (or x's own dtype outside autocast)."""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean over valid rows of cross_entropy(x @ weight.T, targets); x (N, C), weight (V, C), targets (N,)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype):
+        ctx.weight_dtype = weight.dtype
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes below are chosen by hand
+            return LinearCrossEntropy._forward(ctx, x, weight, targets, dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, targets, dtype):
+        n_valid = (targets != -1).sum()
+        x_c, weight_c = x.to(dtype), weight.to(dtype)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
+        step = rows_per_chunk(x.size(0), weight.size(0), x.device)
+        for start in range(0, x.size(0), step):
+            x_chunk = x_c[start:start + step]
+            logits = x_chunk @ weight_c.t()  # (rows, V): the only logits alive at once
+            chunk_loss, grad_logits = chunk_loss_and_grad(logits, targets[start:start + step])
+            loss_sum += chunk_loss
+            if want_grad:
+                grad_x[start:start + step] = grad_logits @ weight_c
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ x_chunk).float()
+            del logits, grad_logits
+        # no valid row gives nan, as F.cross_entropy does
+        scale = 1.0 / n_valid.to(torch.float32)
+        if want_grad:
+            ctx.save_for_backward(grad_x, grad_weight if grad_weight is not None else torch.empty(0), scale)
+        return loss_sum * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x, grad_weight, scale = ctx.saved_tensors
+        factor = grad_output * scale
+        grad_x = grad_x * factor.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_weight * factor).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, None, None
+
+
+def linear_cross_entropy(x, weight, targets):  # torch.compile traces into it: one graph with the model
+    """Loss of lm_head(x) (no bias) against targets (-1 = ignore) without materializing all the logits."""
+    x = x.reshape(-1, x.size(-1))
+    return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), compute_dtype(x))
