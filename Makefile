@@ -24,13 +24,8 @@ $(SHAKESPEARE_TOKENS)/manifest.json: $(VENV)/.installed data/prepare.py data/tok
 
 data: $(SHAKESPEARE_TOKENS)/manifest.json
 
-# glibc maps and unmaps every allocation over 32 MB (here the ~400 MB logits of each micro-step), so a CPU run
-# spends about half its time in page faults; keeping them on the heap makes the quickstart about 1.7x faster.
-# Linux/glibc only; elsewhere the variable is ignored.
-CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295
-
 train: data
-	$(CPU_MALLOC) $(PY) train.py configs/shakespeare.py
+	$(PY) train.py configs/shakespeare.py
 	$(PY) scripts/plot.py out/shakespeare/metrics.jsonl --out out/shakespeare/loss.png
 
 test: $(VENV)/.installed-dev
