@@ -5,13 +5,14 @@ Test hooks (environment variables, read here only):
     GPT2_DEBUG_STEP_DELAY=0.2   sleep this many seconds each step, so a test can signal a run mid-way
 """
 
-import math
 import os
 import signal
 import time
 
 import torch
 import torch.distributed as dist
+
+from distributed import stop_signals_blocked
 
 
 class NonFiniteError(Exception):
@@ -26,6 +27,11 @@ class StopSignal:
         self.received = None
         self.previous = {}
         self.delay = float(os.environ.get("GPT2_DEBUG_STEP_DELAY") or 0)
+        # the flag travels over gloo on the CPU: agreeing on it never waits for the GPU's queue to drain
+        self.group = None
+        if info.ddp and info.device_type == "cuda":
+            with stop_signals_blocked():  # gloo's threads keep SIGTERM/SIGINT blocked, like the main group's
+                self.group = dist.new_group(backend="gloo")
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -43,8 +49,9 @@ class StopSignal:
             time.sleep(self.delay)
         if not self.info.ddp:
             return self.received is not None
-        flag = torch.tensor([float(self.received is not None)], device=self.info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        device = "cpu" if self.group is not None else self.info.device
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
     def close(self):
@@ -54,33 +61,47 @@ class StopSignal:
 
 
 class NonFiniteGuard:
-    """A step whose loss or gradient norm is NaN/inf skips its update; max_in_a_row of them stop the run."""
+    """A step whose loss or gradient norm is NaN/inf skips its update; max_in_a_row of them stop the run.
+
+    The flags are read lazily (check(), at log steps and before saves) so a GPU step needs no host sync."""
 
     def __init__(self, max_in_a_row, total=0):
         self.max_in_a_row = max_in_a_row
         self.total = total
         self.in_a_row = 0
+        self.pending = []  # (step, finite flag, loss, grad norm) not read yet
         self.nan_steps = {int(s) for s in os.environ.get("GPT2_DEBUG_NAN_STEPS", "").split(",") if s.strip()}
 
     def inject(self, loss, step):
         """Test hook: a NaN loss at the steps listed in GPT2_DEBUG_NAN_STEPS."""
         return loss * float("nan") if step in self.nan_steps else loss
 
-    def allows_update(self, step, loss, grad_norm, logger):
-        """True when loss and grad norm are finite (same on every rank: both are already reduced)."""
-        loss, grad_norm = loss.item(), grad_norm.item()
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.in_a_row = 0
-            return True
-        self.total += 1
-        self.in_a_row += 1
-        logger.print(f"step {step:5d} | non-finite loss {loss} or grad norm {grad_norm}: update skipped "
-                     f"({self.in_a_row} in a row, {self.total} in this run)")
-        logger.log({"step": step, "nonfinite_steps": self.total})
-        if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(
-                f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient norm; "
-                f"stopping (max_nonfinite_steps={self.max_in_a_row}). The weights are those before step "
-                f"{step - self.in_a_row + 1}; lower --learning_rate or check the data, then --resume=auto."
-            )
-        return False
+    def record(self, step, loss, grad_norm):
+        """Keep this step's finite flag (a device tensor: no sync) for check(); returns the flag."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.pending.append((step, finite, loss, grad_norm))
+        return finite
+
+    def check(self, logger):
+        """Read the flags recorded since the last check (a host sync); report each NaN/inf step, stop after
+        max_in_a_row of them. True when the newest recorded step was finite."""
+        finite = True
+        for step, flag, loss, grad_norm in self.pending:
+            finite = bool(flag)
+            if finite:
+                self.in_a_row = 0
+                continue
+            self.total += 1
+            self.in_a_row += 1
+            logger.print(f"step {step:5d} | non-finite loss {loss.item()} or grad norm {grad_norm.item()}: update "
+                         f"skipped ({self.in_a_row} in a row, {self.total} in this run)")
+            logger.log({"step": step, "nonfinite_steps": self.total})
+            if self.in_a_row >= self.max_in_a_row:
+                self.pending = []
+                raise NonFiniteError(
+                    f"{self.in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient norm; "
+                    f"stopping (max_nonfinite_steps={self.max_in_a_row}). The weights are those before step "
+                    f"{step - self.in_a_row + 1}; lower --learning_rate or check the data, then --resume=auto."
+                )
+        self.pending = []
+        return finite

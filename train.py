@@ -9,23 +9,24 @@
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
 from config import ConfigError, config_to_dict, help_text, load_config, save_config
-from configure_optimizers import configure_adamw, configure_muon, get_lr, muon_momentum, set_lr, set_muon_momentum
+from configure_optimizers import configure_adamw, configure_muon
 from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
-from distributed import all_reduce_mean, all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
+from distributed import all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
 from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples
 from guards import NonFiniteError, NonFiniteGuard, StopSignal
 from hf_interop import import_hf, mismatched_keys
 from logger import Logger
 from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
 from model import GPT, GPTConfig
+from step import autocast_context, train_step
 
 
 def grad_accum_steps_for(config, world_size):
@@ -80,13 +81,6 @@ def hellaswag_examples(config, info):
         return load_examples(fetch_hellaswag(config.hellaswag_path))
     except HellaSwagError as e:
         raise DataError(str(e)) from None
-
-
-def autocast_context(device_type):
-    """bf16 autocast on GPUs; plain float32 on CPU, where bf16 matmuls are slow and inexact."""
-    if device_type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -169,9 +163,14 @@ def train(config, info):
     stop = StopSignal(info)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
+    window_start = None
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
         stopping = stop.requested()
+        if checkpoints.due(step, force=last_step or stopping) or config.eval_iters > 0 and (
+                step % config.eval_interval == 0 or last_step):
+            guard.check(logger)  # the saved count of NaN/inf steps is complete
+            window_start = None
         checkpoints.maybe_save(step, force=last_step or stopping, nonfinite_steps=guard.total)
         if stopping:
             logger.print(f"stopped by {stop.received or 'a signal on another rank'} at step {step}; "
@@ -192,36 +191,17 @@ def train(config, info):
         if last_step:
             break
 
-        t0 = time.time()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=info.device)
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            if info.ddp:
-                # only sync gradients on the last micro-step; earlier ones just accumulate locally
-                model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-            with autocast_context(device_type):
-                _, loss = model(x, y)
-            loss = guard.inject(loss, step)  # test hook: GPT2_DEBUG_NAN_STEPS
-            # scale the loss: each backward() adds into .grad, and we want the mean over micro-steps
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
-            loss.backward()
-        all_reduce_mean(loss_accum, info)
-        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)  # pre-clip norm
-        lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
-        set_lr(optimizers, lr / config.learning_rate)
-        set_muon_momentum(optimizers, muon_momentum(step, final=config.muon_momentum))
-        if guard.allows_update(step, loss_accum, grad_norm, logger):  # a NaN/inf loss or norm skips the update
-            for optimizer in optimizers:
-                optimizer.step()
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
+        if window_start is None:  # the timing window opens at the first step after a log, eval or save
+            window_start, window_steps = time.time(), 0
+        loss, grad_norm, lr = train_step(model, raw_model, optimizers, train_loader.next_batch, grad_accum_steps,
+                                         step, config, info, guard, logger)
+        window_steps += 1
         if step % config.log_interval == 0 or step == config.max_steps - 1:
-            logger.log({"step": step, "loss": loss_accum.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            guard.check(logger)
+            loss, grad_norm = loss.item(), grad_norm.item()  # waits for the GPU: the only sync of a step
+            dt = (time.time() - window_start) / window_steps
+            window_start = None
+            logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt,
                         "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size)})
     stop.close()
@@ -252,6 +232,7 @@ def main(argv=None):
             print("\n".join([f"config: {config_to_dict(config)}",
                              *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]))
         return 0
+    keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
     info = setup_distributed(config.device)
     try:
         train(config, info)

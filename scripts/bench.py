@@ -3,12 +3,15 @@
     python scripts/bench.py configs/gpt2_124m.py --batch_size=16            # same configs and flags as train.py
     python scripts/bench.py configs/shakespeare.py --bench_steps=5 --bench_compile=off
 
-Each step is one optimizer step exactly as train.py runs it (grad_accum_steps micro-steps, clipping, AdamW)
-on random tokens, so no data is needed. The first --bench_warmup steps (compilation, allocator warm-up) are
-not timed. Each compile setting runs in a fresh process so its peak memory is its own.
+Each step is one call of step.train_step, the function train.py calls (grad_accum_steps micro-steps,
+clipping, schedule, non-finite guard, optimizer step), on random tokens, so no data is needed. The first
+--bench_warmup steps (compilation, allocator warm-up) are not timed; the timed ones run back to back with
+one device sync at the end, as train.py runs between two log lines. Each compile setting runs in a fresh
+process so its peak memory is its own.
 """
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -21,50 +24,57 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from allocator import keep_large_allocations_on_heap  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
-from distributed import pick_device  # noqa: E402
+from distributed import DistInfo, pick_device  # noqa: E402
+from guards import NonFiniteGuard  # noqa: E402
+from logger import Logger  # noqa: E402
 from metrics import device_peak_flops, format_mfu, mfu, model_flops_per_token  # noqa: E402
 from model import GPT  # noqa: E402
-from train import autocast_context, grad_accum_steps_for, make_optimizers, model_config  # noqa: E402
+from step import train_step  # noqa: E402
+from train import grad_accum_steps_for, make_optimizers, model_config  # noqa: E402
 
 
-def bench(config, steps, warmup):
+def bench(config, steps, warmup, profile=None):
     """Time `steps` optimizer steps after `warmup` untimed ones; returns a dict of figures."""
     device = pick_device(config.device)
     device_type = device.split(":")[0]
     grad_accum_steps = grad_accum_steps_for(config, 1)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(config.seed)
     raw_model = GPT(model_config(config)).to(device)
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # only once the device holds memory: before, torch 2.11 refuses
     model = torch.compile(raw_model) if config.compile else raw_model
     optimizers = make_optimizers(config, raw_model, device_type, log=lambda *args, **kwargs: None)
     generator = torch.Generator().manual_seed(config.seed)
     shape = (grad_accum_steps, config.batch_size, config.block_size + 1)
     tokens = torch.randint(0, min(config.vocab_size, 50257), shape, generator=generator).to(device)
     inputs, targets = tokens[..., :-1].contiguous(), tokens[..., 1:].contiguous()
-    times = []
-    for step in range(warmup + steps):
-        t0 = time.perf_counter()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        for micro_step in range(grad_accum_steps):
-            x, y = inputs[micro_step], targets[micro_step]
-            with autocast_context(device_type):
-                _, loss = model(x, y)
-            (loss / grad_accum_steps).backward()
-        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-        for optimizer in optimizers:
-            optimizer.step()
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        loss.item()  # wait for the step on any device
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+    info, guard, logger = DistInfo(device=device), NonFiniteGuard(config.max_nonfinite_steps), Logger("", enabled=False)
+    batches = itertools.cycle(list(zip(inputs, targets)))
+
+    def run(steps):
+        for step in range(steps):
+            train_step(model, raw_model, optimizers, lambda: next(batches), grad_accum_steps, step, config, info,
+                       guard, logger)
+        guard.check(logger)  # reads the NaN/inf flags: waits for the device
+
+    run(warmup)
+    t0 = time.perf_counter()
+    run(steps)
+    step_seconds = (time.perf_counter() - t0) / steps
+    if profile:  # after the timing: two more steps under torch.profiler, the kernels by total device time
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            run(2)
+        sort_by = "cuda_time_total" if device_type == "cuda" else "cpu_time_total"
+        with open(profile, "w") as f:
+            f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
     tokens_per_step = grad_accum_steps * config.batch_size * config.block_size
-    tokens_per_sec = tokens_per_step * len(times) / sum(times)
+    tokens_per_sec = tokens_per_step / step_seconds
     peak = device_peak_flops(device, config.peak_flops)
     if device_type == "cuda":
         memory, memory_kind = torch.cuda.max_memory_allocated(device), "peak allocated"
@@ -74,7 +84,7 @@ def bench(config, steps, warmup):
     return {
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device,
         "compile": config.compile, "parameters": raw_model.num_params(), "tokens_per_step": tokens_per_step,
-        "grad_accum_steps": grad_accum_steps, "step_ms": 1000 * sum(times) / len(times),
+        "grad_accum_steps": grad_accum_steps, "step_ms": 1000 * step_seconds,
         "tokens_per_sec": tokens_per_sec, "mfu": mfu(model_flops_per_token(raw_model), tokens_per_sec, peak),
         "memory_bytes": memory, "memory_kind": memory_kind,
     }
@@ -95,6 +105,7 @@ def main(argv=None):
     parser.add_argument("--bench_compile", choices=["both", "on", "off"], default="both",
                         help="torch.compile off, on, or both (each in its own process)")
     parser.add_argument("--bench_json", action="store_true", help="print one JSON line per setting")
+    parser.add_argument("--bench_profile", default="", help="write a torch.profiler table of two steps to this file")
     args, config_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(config_args)
@@ -111,12 +122,15 @@ def main(argv=None):
                        f"--bench_warmup={args.bench_warmup}", f"--bench_compile={setting}"]
             if args.bench_json:
                 command.append("--bench_json")
+            if args.bench_profile:
+                command.append(f"--bench_profile={args.bench_profile}.{setting}")
             code = subprocess.call(command)
             if code:
                 return code
         return 0
     config.compile = args.bench_compile == "on"
-    result = bench(config, args.bench_steps, args.bench_warmup)
+    keep_large_allocations_on_heap()  # as train.py does
+    result = bench(config, args.bench_steps, args.bench_warmup, args.bench_profile)
     print(json.dumps(result) if args.bench_json else format_result(result), flush=True)
     return 0
 

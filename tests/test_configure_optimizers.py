@@ -46,7 +46,7 @@ def test_fused_adamw_matches_torch_reference():
             optimizer.step()
             optimizer.zero_grad()
     for a, b in zip(model_a.parameters(), model_b.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # fused vs foreach rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # fused vs foreach rounding (a near-zero grad can flip)
 
 
 @pytest.mark.parametrize("step, expected", [

@@ -1,0 +1,73 @@
+"""One optimizer step, in one function that train.py and scripts/bench.py both call: what is measured is
+what is trained.
+
+    zero grads -> grad_accum_steps x (batch, forward, backward) -> mean loss over ranks -> clip
+    -> schedule -> the non-finite check -> optimizer step(s)
+
+No host sync on the way on a GPU: the loss and the gradient norm stay tensors on the device. Where every
+optimizer is torch's fused AdamW, a NaN/inf step skips its update inside the fused kernel (its found_inf
+input, as the AMP grad scaler uses it), and the guard reads the flags when the loop next logs. Otherwise
+(Muon) the guard reads the flag before the update: one sync per step.
+"""
+
+from contextlib import nullcontext
+
+import torch
+
+from configure_optimizers import get_lr, muon_momentum, set_lr, set_muon_momentum
+from distributed import all_reduce_mean
+
+
+def autocast_context(device_type):
+    """bf16 autocast on GPUs; plain float32 on CPU, where bf16 matmuls are slow and inexact."""
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def skips_on_device(optimizers):
+    """True when every optimizer can skip a non-finite update itself (fused AdamW's found_inf)."""
+    return all(type(o) is torch.optim.AdamW and o.defaults.get("fused") for o in optimizers)
+
+
+def apply_update(optimizers, finite, guard, logger):
+    """Step the optimizers unless this step's loss or gradient norm is NaN/inf."""
+    if skips_on_device(optimizers):
+        found_inf = (~finite).float()  # 1.0: the fused kernel leaves weights, moments and step count alone
+        for optimizer in optimizers:
+            optimizer.found_inf = found_inf
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+    elif guard.check(logger):
+        for optimizer in optimizers:
+            optimizer.step()
+
+
+def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step, config, info, guard, logger):
+    """Run optimizer step `step`; returns (mean loss, pre-clip gradient norm) as device tensors and the lr."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=info.device)
+    for micro_step in range(grad_accum_steps):
+        x, y = next_batch()
+        if info.ddp:
+            # only sync gradients on the last micro-step; earlier ones just accumulate locally
+            model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+        with autocast_context(info.device_type):
+            _, loss = model(x, y)
+        loss = guard.inject(loss, step)  # test hook: GPT2_DEBUG_NAN_STEPS
+        # scale the loss: each backward() adds into .grad, and we want the mean over micro-steps
+        loss = loss / grad_accum_steps
+        loss_accum += loss.detach()
+        loss.backward()
+    all_reduce_mean(loss_accum, info)
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)  # pre-clip norm
+    lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
+    set_lr(optimizers, lr / config.learning_rate)
+    set_muon_momentum(optimizers, muon_momentum(step, final=config.muon_momentum))
+    finite = guard.record(step, loss_accum, grad_norm)  # same on every rank: both are already reduced
+    apply_update(optimizers, finite, guard, logger)
+    return loss_accum, grad_norm, lr
