@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train
 from tests.conftest import make_token_shards, read_metrics, run_python, tiny_args
@@ -81,3 +82,31 @@ def test_missing_or_corrupt_shard_is_named(tmp_path, damage, message):
     result = run_python(["train.py", *tiny_args(data_dir, str(tmp_path / "out"))])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "tiny_train_000002.npy" in result.stderr and message in result.stderr
+
+
+def test_chunked_loss_trains_like_the_full_logits(token_dir, tmp_path, monkeypatch):
+    """The step before the chunked loss (the model's loss as F.cross_entropy over the full logits) and now:
+    the same losses step after step, and the same weights at the end."""
+    import fused_loss
+    import model
+
+    monkeypatch.setattr(fused_loss, "CPU_CHUNK_ELEMENTS", 2**10)  # 8 rows of 128 a chunk: many chunks a step
+    args = ["--vocab_size=128", "--max_steps=6", "--checkpoint_interval=6"]
+    chunked = str(tmp_path / "chunked")
+    train.main(tiny_args(token_dir, chunked, *args))
+    monkeypatch.setattr(model, "linear_cross_entropy",
+                        lambda x, w, y: F.cross_entropy((x @ w.t()).float().flatten(0, -2), y.flatten(),
+                                                        ignore_index=-1))
+    full = str(tmp_path / "full")
+    train.main(tiny_args(token_dir, full, *args))
+    losses = [[m["loss"] for m in read_metrics(out) if "loss" in m] for out in (chunked, full)]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for name, tensor in final_weights(chunked, 6).items():
+        torch.testing.assert_close(tensor, final_weights(full, 6)[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bench_and_train_run_the_same_step_function():
+    import step
+    from scripts import bench
+
+    assert train.train_step is step.train_step and bench.train_step is step.train_step
