@@ -11,22 +11,22 @@ GPUs), softmax in float32, the softmax over every column of the padded vocabular
 import torch
 
 # float32 logits kept per chunk: 2**28 elements is 1 GiB (5,300 rows of GPT-2's 50304 columns) on a GPU;
-# on a CPU smaller chunks stay below glibc's mmap threshold games and in the last-level cache longer
+# 2**26 (1,024 rows, 256 MiB) on a CPU, where chunks of fewer rows make the lm_head matmuls slower
 GPU_CHUNK_ELEMENTS = 2**28
-CPU_CHUNK_ELEMENTS = 2**22
+CPU_CHUNK_ELEMENTS = 2**26
 
 
 def _chunk_loss_and_grad(logits, targets, dtype):
-    """Summed loss of the valid rows and d(summed loss)/d(logits), in the logits' dtype."""
-    logits = logits.float()  # the softmax in float32 whatever the matmul dtype
+    """Summed loss of the valid rows and d(summed loss)/d(logits), in the logits' dtype.
+
+    Rows of ignored targets (-1) get a gradient too; the caller zeroes them on the narrow side (x's
+    rows), which is cheaper than masking all V columns here."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # the softmax in float32 whatever the matmul dtype
     valid = targets != -1
-    rows = torch.arange(targets.numel(), device=targets.device)
-    safe_targets = torch.where(valid, targets, 0)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss_sum = torch.where(valid, lse - logits[rows, safe_targets], 0.0).sum()
-    grad = torch.exp(logits - lse[:, None])  # softmax
-    grad[rows, safe_targets] -= 1.0
-    grad = grad * valid[:, None]
+    safe_targets = torch.where(valid, targets, 0)[:, None]
+    loss_sum = torch.where(valid, -logp.gather(1, safe_targets).squeeze(1), 0.0).sum()
+    grad = logp.exp_()  # softmax, in place of log-softmax: one (rows, V) float32 matrix in all
+    grad.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1.0, dtype=grad.dtype))
     return loss_sum, grad.to(dtype)
 
 
@@ -77,14 +77,19 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
         step = rows_per_chunk(x.size(0), weight.size(0), x.device)
         for start in range(0, x.size(0), step):
+            valid = (targets[start:start + step] != -1)[:, None]
             x_chunk = x_c[start:start + step]
             logits = x_chunk @ weight_c.t()  # (rows, V): the only logits alive at once
             chunk_loss, grad_logits = chunk_loss_and_grad(logits, targets[start:start + step])
             loss_sum += chunk_loss
             if want_grad:
-                grad_x[start:start + step] = grad_logits @ weight_c
+                grad_x[start:start + step] = (grad_logits @ weight_c) * valid
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ x_chunk).float()
+                x_valid = x_chunk * valid
+                if grad_logits.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), x_valid)  # no (V, C) temporary per chunk
+                else:
+                    grad_weight += (grad_logits.t() @ x_valid).float()
             del logits, grad_logits
         # no valid row gives nan, as F.cross_entropy does
         scale = 1.0 / n_valid.to(torch.float32)
