@@ -13,11 +13,13 @@ import math
 import os
 import random
 import re
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from checks import WriteRecorder, disk_full_message
 from config import ConfigError, config_to_dict
 
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.pt$")
@@ -39,7 +41,13 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = WriteRecorder(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:  # torch words a failed write as "unexpected pos": give the OSError behind it
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,13 +77,15 @@ def list_checkpoints(out_dir):
     return [(step, path) for step, _, path in sorted(found, reverse=True)]
 
 
-def try_load(path):
-    """(checkpoint, None) when `path` loads and has every part, else (None, the reason)."""
+def try_load(path, required=REQUIRED_KEYS):
+    """(checkpoint, None) when `path` loads and has every required part, else (None, the reason)."""
+    if not zipfile.is_zipfile(path):
+        return None, "not a checkpoint: train.py writes ckpt_STEP.pt / best_STEP.pt files, which are zip archives"
     try:
         checkpoint = load_checkpoint(path)
     except Exception as e:  # truncated zip, bad pickle, unreadable file: all mean "not usable"
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing = [k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint]
     return (None, f"missing {', '.join(missing)}") if missing else (checkpoint, None)
 
 
@@ -248,12 +258,22 @@ class Checkpointer:
             "nonfinite_steps": nonfinite_steps,
         }
 
-    def _write(self, checkpoint, path):
-        """Rank 0 writes, unless a weight is NaN/inf: a non-finite model is never saved."""
+    def _write(self, checkpoint, path, final=False):
+        """Rank 0 writes, unless a weight is NaN/inf: a non-finite model is never saved. A failed write (a full
+        disk) keeps the older files; the run goes on, unless this is its final save."""
         if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
             self.log(f"warning: weights are non-finite at step {checkpoint['step']}: not saving {path}")
             return False
-        atomic_save(checkpoint, path)
+        try:
+            atomic_save(checkpoint, path)
+        except OSError as e:
+            kept = list_checkpoints(self.config.out_dir)
+            problem = f"{disk_full_message(path, checkpoint, e)}; the newest checkpoint kept is " + (
+                kept[0][1] if kept else "none")
+            if final:
+                raise ConfigError(f"{problem}. Free some space, then continue with --resume=auto.") from None
+            self.log(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")
+            return False
         self.log(f"saved checkpoint {path}")
         return True
 
@@ -267,7 +287,7 @@ class Checkpointer:
             return
         checkpoint = self._state(step, nonfinite_steps)
         path = os.path.join(self.config.out_dir, f"ckpt_{step:06d}.pt")
-        if checkpoint is not None and self._write(checkpoint, path):
+        if checkpoint is not None and self._write(checkpoint, path, final=force):
             self.prune()
         self.last_saved = (step, path)
 

@@ -95,11 +95,46 @@ def field_help():
     return dict(found)
 
 
-def help_text():
+def field_groups():
+    """[(group, [key, ...])] in TrainConfig's order, from its '# group' comment lines."""
+    groups = []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if match := re.match(r"^    # (.+)$", line):
+            groups.append((match.group(1), []))
+        elif (match := re.match(r"^    (\w+): \w+ = ", line)) and groups:
+            groups[-1][1].append(match.group(1))
+    return groups
+
+
+def help_text(column=34):
+    """Every key with its default and help, the help in one column (a longer flag puts it on the next line)."""
     helps = field_help()
     lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]", "", "keys (default):"]
-    for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  --{f.name}={f.default!r:<24} {helps.get(f.name, '')}")
+    for group, keys in field_groups():
+        lines.append(f"  {group}:")
+        for key in keys:
+            flag = f"    --{key}={getattr(TrainConfig, key)!r}"
+            if len(flag) >= column:
+                lines.append(flag)
+                flag = ""
+            lines.append(f"{flag:<{column}}{helps.get(key, '')}")
+    return "\n".join(lines)
+
+
+def format_config(config, width=100):
+    """The resolved config, one group of keys to a line (wrapped at about `width` characters)."""
+    values, groups = config_to_dict(config), [(g.split(" (")[0], keys) for g, keys in field_groups()]
+    indent = 4 + max(len(group) for group, _ in groups)
+    lines = ["config:"]
+    for group, keys in groups:
+        line = f"  {group + ':':<{indent - 2}}"
+        for key in keys:
+            item = f"{key}={values[key]!r}"
+            if len(line) + len(item) > width and len(line) > indent:
+                lines.append(line.rstrip())
+                line = " " * indent
+            line += item + "  "
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
@@ -140,8 +175,12 @@ def read_config_file(path):
         raise ConfigError(f"config file '{path}' not found. Config files live in configs/, "
                           f"e.g. configs/shakespeare.py.")
     namespace = {}
-    with open(path) as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' could not be read ({e}): a config file is UTF-8 Python text "
+                          f"of `key = value` lines.") from None
     try:
         exec(compile(source, path, "exec"), namespace)
     except Exception as e:
@@ -162,6 +201,8 @@ def load_config(argv):
                     raise ConfigError(f"flag '{arg}' needs a value: write --{key}=VALUE.")
                 value = "true"
             updates = {key.replace("-", "_"): value}
+        elif arg.startswith("-"):
+            raise ConfigError(f"'{arg}' is not a flag: write flags as --key=value (two dashes, no spaces).")
         else:
             source = f"config file '{arg}'"
             updates = read_config_file(arg)
@@ -185,6 +226,13 @@ def check_config(config):
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
     if config.warmup_steps < 0 or config.eval_iters < 0 or config.keep_last < 0:
         raise ConfigError("warmup_steps, eval_iters and keep_last must not be negative.")
+    for key in ("dropout", "beta1", "beta2"):
+        if not 0 <= getattr(config, key) < 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1); got {getattr(config, key)}.")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "matrix_lr", "embedding_lr",
+                "unembedding_lr"):
+        if not 0 <= getattr(config, key) < float("inf"):
+            raise ConfigError(f"config key '{key}' must be a finite number >= 0; got {getattr(config, key)}.")
     if config.peak_flops < 0:
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:

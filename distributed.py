@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from checks import check_device
+
 
 @dataclass
 class DistInfo:
@@ -38,16 +40,6 @@ def env_rank():
     return int(os.environ.get("RANK", "0"))
 
 
-def pick_device(requested, local_rank=0):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 @contextlib.contextmanager
 def stop_signals_blocked():
     """Block SIGTERM/SIGINT in this thread meanwhile: threads started inside inherit the block, so a signal
@@ -65,12 +57,13 @@ def stop_signals_blocked():
 def setup_distributed(requested_device="auto", timeout_seconds=300):
     """Start the process group when launched by torchrun; return who we are and where to compute."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(device=pick_device(requested_device))
+        device = check_device(requested_device)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # --device=cuda:1: allocations and kernels without an index go there too
+        return DistInfo(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(requested_device, local_rank)
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
+    device = check_device(requested_device, local_rank, torchrun=True)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
         backend = "nccl"

@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
-from config import ConfigError, config_to_dict, help_text, load_config, save_config
+from checks import DISK_FULL, fail, hold_out_dir
+from config import ConfigError, config_to_dict, format_config, help_text, load_config, save_config
 from configure_optimizers import configure_adamw, configure_muon
 from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
@@ -154,7 +155,7 @@ def train(config, info):
                     wandb_project=config.wandb_project, wandb_run_name=config.wandb_run_name,
                     config=config_to_dict(config), wandb_run_id=checkpoints.wandb_run_id)
     checkpoints.wandb_run_id = logger.wandb_run_id
-    logger.print(f"config: {config_to_dict(config)}")
+    logger.print(format_config(config))
     logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
                  f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
 
@@ -209,13 +210,6 @@ def train(config, info):
     return raw_model
 
 
-def fail(message):
-    """A user's mistake: one message (from rank 0 only under torchrun), no traceback, exit code 2."""
-    if env_rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -229,16 +223,22 @@ def main(argv=None):
         fail(e)
     if config.dry_run:
         if env_rank() == 0:
-            print("\n".join([f"config: {config_to_dict(config)}",
+            print("\n".join([format_config(config),
                              *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]))
         return 0
     keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
-    info = setup_distributed(config.device)
     try:
-        train(config, info)
-        barrier(info)  # no rank closes its connections while another still finishes its last save
+        info = setup_distributed(config.device)
+        with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
+            train(config, info)
+            barrier(info)  # no rank closes its connections while another still finishes its last save
     except (ConfigError, DataError, NonFiniteError) as e:
         fail(e)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        fail(f"no space left on the disk of {e.filename or config.out_dir}: free some space, then continue with "
+             f"--resume=auto (the checkpoints already written are kept).")
     finally:
         teardown_distributed()
     return 0

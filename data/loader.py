@@ -29,8 +29,17 @@ def read_manifest(data_dir):
             f"  python data/prepare.py --source SOURCE --out {data_dir}\n"
             f"(for the quickstart corpus: make data; for FineWeb-Edu 10B see the README)."
         )
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise DataError(f"'{path}' cannot be read as JSON ({e}): it is damaged; re-run data/prepare.py.") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "tokens", "split"} <= s.keys()
+                                               for s in shards) or manifest.get("dtype", "uint16") != "uint16":
+        raise DataError(f"'{path}' is not a manifest that data/prepare.py writes (a list of uint16 shards, "
+                        f"each with name, tokens and split): prepare this data with data/prepare.py.")
+    return manifest
 
 
 def open_shard(data_dir, shard):

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from allocator import keep_large_allocations_on_heap  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
-from distributed import DistInfo, pick_device  # noqa: E402
+from checks import check_device  # noqa: E402
+from distributed import DistInfo  # noqa: E402
 from guards import NonFiniteGuard  # noqa: E402
 from logger import Logger  # noqa: E402
 from metrics import device_peak_flops, format_mfu, mfu, model_flops_per_token  # noqa: E402
@@ -37,7 +38,7 @@ from train import grad_accum_steps_for, make_optimizers, model_config  # noqa: E
 
 def bench(config, steps, warmup, profile=None):
     """Time `steps` optimizer steps after `warmup` untimed ones; returns a dict of figures."""
-    device = pick_device(config.device)
+    device = check_device(config.device)
     device_type = device.split(":")[0]
     grad_accum_steps = grad_accum_steps_for(config, 1)
     if device_type == "cuda":
@@ -110,6 +111,7 @@ def main(argv=None):
     try:
         config = load_config(config_args)
         grad_accum_steps_for(config, 1)
+        check_device(config.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from checkpoint import try_load  # noqa: E402
+from config import ConfigError  # noqa: E402
 from data.tokenizer import encode  # noqa: E402
 from distributed import setup_distributed, teardown_distributed  # noqa: E402
 from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples  # noqa: E402
@@ -26,7 +28,9 @@ def load_model(path):
     if os.path.isdir(path):
         keys, state = import_hf(path)
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint, problem = try_load(path, required=("model", "config"))
+        if checkpoint is None:
+            raise ConfigError(f"checkpoint {path} is unusable ({problem})")
         keys, state = checkpoint["config"], checkpoint["model"]
     fields = GPTConfig.__dataclass_fields__
     config = GPTConfig(**{k: v for k, v in keys.items() if k in fields})
@@ -47,14 +51,18 @@ def main(argv=None):
     if not os.path.exists(args.model):
         print(f"error: {args.model} does not exist", file=sys.stderr)
         return 2
-    info = setup_distributed(args.device)
+    try:
+        info = setup_distributed(args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         examples = load_examples(fetch_hellaswag(args.hellaswag_path))
         examples = examples[: args.limit] if args.limit else examples
         model = load_model(args.model).to(info.device)
         scores = evaluate_hellaswag(model, examples, encode, model.config.block_size, info.device, info.rank,
                                     info.world_size, lambda: autocast_context(info.device_type))
-    except HellaSwagError as e:
+    except (ConfigError, HellaSwagError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

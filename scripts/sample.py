@@ -14,6 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpoint import latest_valid, try_load  # noqa: E402
+from checks import check_device, fail  # noqa: E402
+from config import ConfigError  # noqa: E402
 from data.tokenizer import EOT_TOKEN, decode, encode  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -36,14 +38,14 @@ def load_model(path, device):
     if os.path.isdir(path):
         found, checkpoint = latest_valid(path, warn=lambda message: print(message, file=sys.stderr))
         if found is None:
-            raise SystemExit(f"error: no usable checkpoint (ckpt_STEP.pt / best_STEP.pt) in {path}")
+            fail(f"no usable checkpoint (ckpt_STEP.pt / best_STEP.pt) in {path}")
         path = found
     else:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {path}: no such checkpoint file or out_dir")
+            fail(f"{path}: no such checkpoint file or out_dir")
         checkpoint, problem = try_load(path)
         if checkpoint is None:
-            raise SystemExit(f"error: checkpoint {path} is unusable ({problem})")
+            fail(f"checkpoint {path} is unusable ({problem})")
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     model = GPT(GPTConfig(**{k: v for k, v in checkpoint["config"].items() if k in names}))
     model.load_state_dict(checkpoint["model"])
@@ -53,12 +55,15 @@ def load_model(path, device):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args.device = check_device(args.device)
+    except ConfigError as e:
+        fail(e)
     model = load_model(args.checkpoint, args.device)
     vocab_size = model.config.vocab_size
     ids = encode(args.prompt) if args.prompt else [EOT_TOKEN if EOT_TOKEN < vocab_size else 0]
     if max(ids) >= vocab_size:
-        raise SystemExit(f"error: the prompt has token ids up to {max(ids)}, "
-                         f"beyond this model's vocab_size {vocab_size}")
+        fail(f"the prompt has token ids up to {max(ids)}, beyond this model's vocab_size {vocab_size}")
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k or None,

@@ -1,7 +1,8 @@
 """Run train.train() under torchrun, then save this rank's parameters to out_dir/rank{R}.pt (for tests).
 
-TEST_FAIL_RANK=R with TEST_FAIL_MODE=raise|kill makes rank R raise, or SIGKILL itself, on its third
-batch, to check that one failing rank ends the whole job.
+TEST_FAIL_RANK=R with TEST_FAIL_MODE=raise|kill|data makes rank R raise (a bug), SIGKILL itself, or meet a
+user's mistake that only it sees (a DataError) on its third batch, to check that one failing rank ends the
+whole job and that its error reaches the user.
 """
 
 import os
@@ -13,8 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train  # noqa: E402
+from checks import fail  # noqa: E402
 from config import load_config  # noqa: E402
-from data.loader import DataLoader  # noqa: E402
+from data.loader import DataError, DataLoader  # noqa: E402
 from distributed import setup_distributed, teardown_distributed  # noqa: E402
 
 
@@ -27,6 +29,8 @@ def fail_after(calls, mode):
         if counter["calls"] > calls:
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "data":
+                raise DataError("injected: a shard only this rank reads is unreadable")
             raise RuntimeError("injected failure on this rank")
         return original(self)
 
@@ -41,6 +45,8 @@ def main():
     try:
         model = train.train(config, info)
         torch.save(model.state_dict(), os.path.join(config.out_dir, f"rank{info.rank}.pt"))
+    except DataError as e:
+        fail(e)
     finally:
         teardown_distributed()
 

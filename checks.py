@@ -1,0 +1,160 @@
+"""What the user gives, checked before it is used, and the one way a user's mistake is reported.
+
+A mistake (a bad flag, an absent device, an out_dir that cannot be written or that another run holds,
+a disk too full for a checkpoint) ends in one `error: ...` line and exit code 2, never a traceback; a bug
+in our own code keeps its traceback. Under torchrun an error every rank sees is printed once (by rank 0),
+and an error only some ranks see is printed by each of them as `error: [rank R] ...`.
+"""
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import os
+import re
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from config import ConfigError
+
+# how long a failing rank waits for rank 0's error before deciding that rank 0 does not share it: ranks
+# that hit the same mistake reach it within moments of each other
+PEER_ERROR_WAIT_SECONDS = 10
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _rank_zero_reports(message, rank):
+    """Whether rank 0 fails with the same message: it leaves its message in the job's store."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if rank == 0:
+            store.set("error/0", message)
+            return True
+        store.wait(["error/0"], datetime.timedelta(seconds=PEER_ERROR_WAIT_SECONDS))
+        return store.get("error/0").decode() == message
+    except Exception:  # no answer in time, or rank 0 already gone with the store: say it ourselves
+        return False
+
+
+def fail(message):
+    """A user's mistake: one `error:` line, no traceback, exit code 2."""
+    message = str(message)
+    rank = int(os.environ.get("RANK", "0"))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not _rank_zero_reports(message, rank):
+            message = f"[rank {rank}] {message}"
+        elif rank != 0:
+            message = None  # rank 0 prints it
+    elif rank != 0:
+        message = None  # before the process group every rank checks the same flags and files: rank 0 speaks
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_device(requested, local_rank=0, torchrun=False):
+    """The device string to compute on, or a ConfigError saying why the requested one cannot be used."""
+    match = re.fullmatch(r"(auto|cpu|cuda|mps)(?::(\d+))?", requested)
+    if not match or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise ConfigError(f"--device={requested} is not a device: use auto, cpu, cuda, cuda:N or mps.")
+    kind, index = match.group(1), match.group(2)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if kind == "cuda":
+        if index is not None and torchrun:
+            raise ConfigError(f"--device={requested} under torchrun would put every rank on GPU {index}: use "
+                              f"--device=cuda (each rank takes the GPU of its LOCAL_RANK), and choose the GPUs "
+                              f"with CUDA_VISIBLE_DEVICES.")
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"--device={requested} but {why}: use --device=cpu (or auto), or install a CUDA "
+                              f"build of torch on a machine with an NVIDIA GPU (check nvidia-smi).")
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ConfigError(f"--device={requested} but this machine has {count} GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}: choose one of them.")
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torchrun else 1
+        if local_world_size > count:
+            raise ConfigError(f"torchrun started {local_world_size} processes on this node but it has {count} "
+                              f"GPU(s): use --nproc_per_node={count}.")
+        return f"cuda:{index if index is not None else local_rank}"
+    if kind == "mps" and not mps:
+        raise ConfigError(f"--device={requested} but MPS is not available (it needs Apple silicon and a torch "
+                          f"built with MPS): use --device=cpu or auto.")
+    return kind
+
+
+@contextlib.contextmanager
+def hold_out_dir(out_dir, is_master=True):
+    """Create out_dir and hold its lock for the run; a second run on it is refused, naming the first.
+
+    flock, not a pid file: the kernel drops the lock when its process ends, however it ends (SIGKILL
+    included), so a killed run never leaves out_dir locked.
+    """
+    if not is_master:
+        yield
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot create or write --out_dir={out_dir}: {e.strerror}. Choose a folder you can "
+                          f"write to.") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process"
+            raise ConfigError(f"--out_dir={out_dir} is in use by another run ({holder}): wait for it to end, "
+                              f"or give this run another --out_dir.") from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+                     f"{' '.join(sys.argv)}".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+class WriteRecorder:
+    """A file for torch.save that keeps the OSError (a full disk, say) of a write that fails."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a nested checkpoint: about what it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def disk_full_message(path, checkpoint, error):
+    """'no space for PATH: it needs about X MB, Y MB are free' (or the write's own reason)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if error.errno not in DISK_FULL:
+        return f"could not write {path}: {error.strerror or error}"
+    free = os.statvfs(directory)
+    needed = tensor_bytes(checkpoint) / 1e6
+    return (f"no space left for {path}: a checkpoint needs about {needed:,.1f} MB and "
+            f"{free.f_bavail * free.f_frsize / 1e6:,.1f} MB are free on that disk")

@@ -1,0 +1,205 @@
+"""Each bad input and fault of the README's table: exit code 2, one `error:` line, earlier files intact.
+
+Most cases call train.main() in this process (fail() raises SystemExit(2) after printing the line);
+the lock, the rank cases and the --help layout use real processes and real torchrun with gloo.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from tests.conftest import ROOT, make_token_shards, tiny_args
+from tests.test_distributed import torchrun
+
+
+def snapshot(*folders):
+    """Every file's bytes under the folders: what must come out of a failed run unchanged."""
+    files = {}
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                if name != ".lock" and not os.path.islink(os.path.join(root, name)):  # /dev/full reads forever
+                    with open(os.path.join(root, name), "rb") as f:
+                        files[os.path.join(root, name)] = f.read()
+    return files
+
+
+def expect_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trained")
+    data, out = make_token_shards(str(base / "tokens")), str(base / "run")
+    train.main(tiny_args(data, out, "--max_steps=2"))
+    return data, out
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A copy of a finished 2-step run: its data and out_dir are what a bad input must leave intact."""
+    data, out = str(tmp_path / "tokens"), str(tmp_path / "run")
+    shutil.copytree(trained_once[0], data)
+    shutil.copytree(trained_once[1], out)
+    return data, out
+
+
+def damage_manifest_text(data, out):
+    with open(os.path.join(data, "manifest.json"), "w") as f:
+        f.write("{not json")
+
+
+def damage_manifest_other(data, out):
+    with open(os.path.join(data, "manifest.json"), "w") as f:
+        json.dump({"files": ["a.bin"]}, f)
+
+
+def damage_shard_dtype(data, out):
+    path = os.path.join(data, "tiny_train_000001.npy")
+    np.save(path, np.load(path).astype(np.int32))
+
+
+def damage_config_binary(data, out):
+    with open(os.path.join(out, "conf.py"), "wb") as f:
+        f.write(b"\xff\xfe n_layer = 2\n")
+
+
+def damage_config_not_python(data, out):
+    with open(os.path.join(out, "conf.py"), "w") as f:
+        f.write("n_layer: 2\nbatch size = 4\n")
+
+
+def damage_resume_text(data, out):
+    with open(os.path.join(out, "notes.pt"), "w") as f:
+        f.write("not a checkpoint\n" * 100)
+
+
+CASES = [  # (extra flags, with {data}/{out} filled in, what is done to the files first, the message)
+    (["--device=gpu"], None, "--device=gpu is not a device"),
+    (["--device=mps"], None, "MPS is not available"),
+    (["--dropout=1.5"], None, "'dropout' must be in [0, 1)"),
+    (["--learning_rate=-1"], None, "'learning_rate' must be a finite number >= 0"),
+    (["-batch_size=4"], None, "write flags as --key=value"),
+    (["--batch_size"], None, "flag '--batch_size' needs a value"),
+    (["{out}/conf.py"], damage_config_binary, "is UTF-8 Python text"),
+    (["{out}/conf.py"], damage_config_not_python, "could not be read: SyntaxError"),
+    ([], damage_manifest_text, "cannot be read as JSON"),
+    ([], damage_manifest_other, "is not a manifest that data/prepare.py writes"),
+    ([], damage_shard_dtype, "int32 tokens, manifest.json says"),
+    (["--resume={out}/notes.pt"], damage_resume_text, "not a checkpoint: train.py writes ckpt_STEP.pt"),
+    (["--out_dir={out}/config.json/sub"], None, "cannot create or write --out_dir"),
+]
+if not torch.cuda.is_available():
+    CASES.append((["--device=cuda:1"], None, "--device=cuda:1 but " + (
+        "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible")))
+
+
+@pytest.mark.parametrize("extra, damage, message", CASES, ids=lambda c: c.__name__ if callable(c) else None)
+def test_bad_input_is_one_error_line_and_nothing_on_disk_changes(trained, capsys, extra, damage, message):
+    data, out = trained
+    if damage:
+        damage(data, out)
+    before = snapshot(data, out)
+    capsys.readouterr()
+    expect_error(capsys, tiny_args(data, out, "--max_steps=4", *[e.format(data=data, out=out) for e in extra]),
+                 message)
+    assert snapshot(data, out) == before
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(trained, capsys):
+    """Writes that fail with ENOSPC from the kernel (the temporary files point at /dev/full): the periodic
+    save is skipped with a warning and training goes on; the final one ends the run; ckpt_000002 is intact."""
+    data, out = trained
+    for step in (4, 6):
+        os.symlink("/dev/full", os.path.join(out, f"ckpt_{step:06d}.pt.tmp.{os.getpid()}"))
+    before = snapshot(out)
+    capsys.readouterr()
+    err = expect_error(capsys, tiny_args(data, out, "--max_steps=6", "--checkpoint_interval=2"),
+                       "no space left for")
+    assert "ckpt_000006.pt" in err and "the newest checkpoint kept is" in err and "ckpt_000002.pt" in err
+    assert "Free some space, then continue with --resume=auto" in err
+    path = os.path.join(out, "ckpt_000002.pt")
+    assert snapshot(out)[path] == before[path]
+    names = sorted(os.listdir(out))
+    assert "ckpt_000004.pt" not in names and "ckpt_000006.pt" not in names
+    assert not [n for n in names if ".tmp." in n]  # the temporary files are gone
+
+
+def test_full_disk_warning_says_needed_and_free(trained, capsys):
+    data, out = trained
+    os.symlink("/dev/full", os.path.join(out, f"ckpt_000004.pt.tmp.{os.getpid()}"))
+    capsys.readouterr()
+    train.main(tiny_args(data, out, "--max_steps=5", "--checkpoint_interval=2"))
+    printed = capsys.readouterr().out
+    assert "warning: no space left for" in printed and "a checkpoint needs about" in printed
+    assert "MB are free on that disk" in printed and "Training goes on" in printed
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_000002.pt", "ckpt_000005.pt"]
+
+
+def test_a_second_run_on_one_out_dir_is_refused_until_the_first_is_killed(trained, capsys):
+    data, out = trained
+    first = subprocess.Popen([sys.executable, "train.py", *tiny_args(data, out, "--max_steps=100000",
+                                                                     "--eval_interval=100000")],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock, deadline = os.path.join(out, ".lock"), time.time() + 120
+        while f"pid {first.pid} " not in (open(lock).read() if os.path.exists(lock) else ""):
+            assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.1)
+        before = snapshot(data, out)
+        capsys.readouterr()
+        expect_error(capsys, tiny_args(data, out, "--max_steps=2"), f"is in use by another run (pid {first.pid} on ")
+        assert {k: v for k, v in snapshot(data, out).items() if not k.endswith("metrics.jsonl")} == {
+            k: v for k, v in before.items() if not k.endswith("metrics.jsonl")}  # the first run's log still grows
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    train.main(tiny_args(data, out, "--max_steps=3"))  # the killed run left no lock behind
+    assert os.path.isfile(os.path.join(out, "ckpt_000003.pt"))
+
+
+def test_help_has_one_column_of_help_text(capsys):
+    assert train.main(["--help"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("    --")]
+    assert len(rows) > 40
+    for row, below in zip(rows, rows[1:] + [""]):  # a long flag puts its help on the next line, same column
+        help_line = row if len(row) > 34 and row[32:34] == "  " else below
+        assert help_line[32:34] == "  " and help_line[34] != " ", row
+
+
+def test_torchrun_refuses_a_gpu_index_once(token_dir, tmp_path):
+    result = torchrun(2, "train.py", tiny_args(token_dir, str(tmp_path / "out"), "--device=cuda:1"))
+    assert result.returncode != 0
+    assert result.stderr.count("error: --device=cuda:1 under torchrun would put every rank on GPU 1") == 1
+    assert 'train.py", line' not in result.stderr
+
+
+def test_an_error_every_rank_sees_is_printed_once(token_dir, tmp_path):
+    damage_manifest_text(token_dir, None)  # every rank reads it after the process group is up
+    result = torchrun(2, "train.py", tiny_args(token_dir, str(tmp_path / "out")))
+    assert result.returncode != 0
+    assert result.stderr.count("cannot be read as JSON") == 1 and "[rank" not in result.stderr
+    assert 'train.py", line' not in result.stderr
+
+
+def test_an_error_only_rank_1_sees_reaches_the_user(token_dir, tmp_path):
+    args = tiny_args(token_dir, str(tmp_path / "out"), "--max_steps=50", "--eval_interval=100")
+    result = torchrun(2, "tests/torchrun_worker.py", args, env={"TEST_FAIL_RANK": "1", "TEST_FAIL_MODE": "data"})
+    assert result.returncode != 0
+    assert result.stderr.count("error: [rank 1] injected: a shard only this rank reads is unreadable") == 1
+    assert "Traceback" not in result.stderr.split("error: [rank 1]")[0]
