@@ -60,6 +60,8 @@ def open_source(source, name=None, split="train"):
         builder, files = local_files(source)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    if source.startswith((os.sep, ".", "~")) or os.path.splitext(source)[1] in LOCAL_BUILDERS:
+        raise PrepareError(f"{source}: no such file or folder (a Hugging Face dataset id looks like owner/name).")
     check_hub(source)
     try:
         return datasets.load_dataset(source, name=name, split=split, streaming=True)
@@ -205,6 +207,11 @@ class ShardWriter:
         if self.buffered:
             tokens = np.concatenate(self.buffer)
             self._write("val" if self.in_val else "train", tokens, np.empty(0, dtype=np.uint16))
+        if not any(shard["split"] == "train" for shard in self.shards):
+            total = sum(shard["tokens"] for shard in self.shards)
+            raise PrepareError(f"the source holds {total:,} tokens, all taken by the val split: lower --val_tokens "
+                               f"(now {self.val_tokens:,}) or give more text." if total else
+                               "the source holds no text: every document in it is empty.")
         manifest = {"source": source, "name": name, "tokenizer": "gpt2", "dtype": "uint16", "shards": self.shards}
         text = json.dumps(manifest, indent=2).encode()
         atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
@@ -248,6 +255,13 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
                 bar.update(len(lengths))
                 rate = tokens_done / max(time.time() - started, 1e-9)
                 bar.set_postfix(tokens=f"{tokens_done:,}", tok_per_s=f"{rate:,.0f}", refresh=False)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{source} holds text that is not UTF-8 ({e.reason} at byte {e.start}): convert it "
+                           f"(iconv -f latin1 -t utf-8 FILE) or leave binary files out of --source.") from None
+    except ValueError as e:  # pyarrow's ArrowInvalid: a .jsonl line that is not JSON, a .parquet that is not parquet
+        if type(e).__name__ != "ArrowInvalid":
+            raise
+        raise PrepareError(f"{source} cannot be read: {str(e).splitlines()[0]}. Fix or remove that file.") from None
     finally:
         if pool:
             pool.terminate()

@@ -150,3 +150,23 @@ def test_missing_truncated_and_corrupt_shards_are_named(tmp_path):
         DataLoader(str(out), "train", 2, 16)
     victim.write_bytes(original)
     assert run_python(["data/prepare.py", "--verify", str(out)]).returncode == 0
+
+
+@pytest.mark.parametrize("files, message", [
+    (None, "no such file or folder"),
+    ({"a.txt": b""}, "the source holds no text"),
+    ({"a.txt": b"a few words"}, "all taken by the val split: lower --val_tokens"),
+    ({"a.txt": bytes(range(256)) * 4}, "holds text that is not UTF-8"),
+    ({"a.txt": "caf\xe9 au lait".encode("latin-1")}, "holds text that is not UTF-8"),
+    ({"a.jsonl": b'{"text": "hi"\n'}, "cannot be read: JSON parse error"),
+])
+def test_bad_sources_are_one_error_line(tmp_path, capsys, files, message):
+    source = tmp_path / "src"
+    for name, content in (files or {}).items():
+        source.mkdir(exist_ok=True)
+        (source / name).write_bytes(content)
+    code = prepare_module.main(["--source", str(source), "--out", str(tmp_path / "out"), "--workers", "1",
+                                "--val_tokens", "1000"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "out" / "manifest.json").exists()
