@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from checks import WriteRecorder, disk_full_message
 from config import ConfigError, config_to_dict
+from data.shards import atomic_write
 
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.pt$")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
@@ -150,8 +151,7 @@ def trim_metrics(out_dir, step):
             continue  # a line cut short by a kill
         if not isinstance(record, dict) or record.get("step", -1) < step:
             kept.append(line)
-    with open(path, "w") as f:
-        f.writelines(kept)
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))  # a kill mid-trim loses no record
 
 
 def load_optimizer_state(optimizer, state):

@@ -16,6 +16,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from data.shards import atomic_write
+
 
 class ConfigError(Exception):
     """A mistake in the user's configuration: reported as one message, no traceback."""
@@ -244,5 +246,6 @@ def config_to_dict(config):
 
 
 def save_config(config, path):
-    with open(path, "w") as f:
-        json.dump(config_to_dict(config), f, indent=2)
+    """Through a temporary file and a rename: a kill mid-write leaves the previous config.json whole."""
+    text = json.dumps(config_to_dict(config), indent=2).encode()
+    atomic_write(path, lambda f: f.write(text))

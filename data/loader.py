@@ -59,6 +59,12 @@ def open_shard(data_dir, shard):
     return tokens
 
 
+def shard_stamp(path):
+    """(inode, size, mtime): the same inode with another size or mtime is a file written in place."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 VERIFIED_FILE = ".verified.json"  # sha256 already checked, per shard, with the size and mtime it had then
 
 
@@ -105,6 +111,8 @@ class DataLoader:
         if not shards:
             raise DataError(f"no '{split}' shards in '{data_dir}/manifest.json': re-run data/prepare.py.")
         self.tokens = [open_shard(data_dir, s) for s in shards]
+        self.paths = [os.path.join(data_dir, s["name"]) for s in shards]
+        self.stamps = [shard_stamp(path) for path in self.paths]  # before hashing: a later change is seen
         self.hashed_bytes = verify_hashes(data_dir, shards)
         self.names = [s["name"] for s in shards]
         self.batch_size, self.block_size = batch_size, block_size
@@ -158,10 +166,14 @@ class DataLoader:
     def next_batch(self):
         """(x, y) of shape (batch_size, block_size), int64, on the device; this rank's part of the batch."""
         first = self.position + self.rank * self.batch_size
-        rows = []
+        rows, touched = [], set()
         for index in range(first, first + self.batch_size):
             shard, start = self._window_start(index)
-            rows.append(self.tokens[shard][start:start + self.block_size + 1])
+            touched.add(shard)
+            rows.append((shard, start))
+        for shard in touched:
+            self._check_unchanged(shard)
+        rows = [self.tokens[shard][start:start + self.block_size + 1] for shard, start in rows]
         self.position += self.batch_size * self.world_size
         buf = np.stack(rows)  # (B, T + 1) uint16: the only copy out of the memory map
         # int64 conversion in numpy, one thread: torch's parallel copy stalls when the cores are busy training
@@ -170,6 +182,19 @@ class DataLoader:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def _check_unchanged(self, shard):
+        """A shard written in place under the running job is refused before its pages are read (reading past a
+        truncated end would kill the process with SIGBUS). A shard deleted or replaced through a rename is
+        harmless: the memory map keeps the checked file."""
+        try:
+            stamp = shard_stamp(self.paths[shard])
+        except FileNotFoundError:
+            return
+        if stamp[0] == self.stamps[shard][0] and stamp != self.stamps[shard]:
+            raise DataError(f"shard '{self.paths[shard]}' was changed in place while training: its data is no longer "
+                            f"what was checked. Restore it (python data/prepare.py), then continue with "
+                            f"--resume=auto from the last checkpoint.")
 
     def state_dict(self):
         return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle, "shards": self.names,

@@ -17,15 +17,30 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def refuse(message):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def read_run(path):
     """(label, records, tokens per step or None) for a metrics.jsonl file or the run folder holding one."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(path):
-        print(f"error: {path} not found: pass a run's metrics.jsonl (train.py writes it in out_dir).", file=sys.stderr)
-        raise SystemExit(2)
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        refuse(f"{path} not found: pass a run's metrics.jsonl (train.py writes it in out_dir).")
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break  # the last line of a run killed while writing it
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            refuse(f"{path} line {number} is not a metrics record: pass a run's metrics.jsonl.")
+        records.append(record)
     folder = os.path.dirname(os.path.abspath(path))
     tokens_per_step = None
     config_path = os.path.join(folder, "config.json")

@@ -203,3 +203,46 @@ def test_an_error_only_rank_1_sees_reaches_the_user(token_dir, tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("error: [rank 1] injected: a shard only this rank reads is unreadable") == 1
     assert "Traceback" not in result.stderr.split("error: [rank 1]")[0]
+
+
+def wait_for(condition, process, what, seconds=120):
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} within {seconds}s"
+        time.sleep(0.1)
+
+
+def test_a_shard_written_in_place_under_a_running_job_stops_it_cleanly(trained):
+    data, out = trained
+    ckpt = os.path.join(out, "ckpt_000004.pt")
+    run = subprocess.Popen([sys.executable, "train.py", *tiny_args(data, out, "--max_steps=100000", "--keep_last=0",
+                                                                   "--checkpoint_interval=2", "--eval_interval=1000")],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.exists(ckpt), run, "checkpoint at step 4")
+        with open(ckpt, "rb") as f:
+            saved = f.read()
+        for name in ("tiny_train_000001.npy", "tiny_train_000002.npy"):  # the same size, other tokens
+            tokens = np.load(os.path.join(data, name), mmap_mode="r+")
+            tokens[:] = tokens[::-1].copy()
+            tokens.flush()
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 2 and "Traceback" not in err
+    assert "was changed in place while training" in err and "--resume=auto" in err
+    with open(ckpt, "rb") as f:
+        assert f.read() == saved
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_on_resume_and_by_plot(trained, capsys):
+    from scripts.plot import read_run
+
+    data, out = trained
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 2, "loss": 1.2')  # a kill in the middle of a line
+    assert [r["step"] for r in read_run(out)[1]] == [0, 0, 1, 2]
+    train.main(tiny_args(data, out, "--max_steps=3"))
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [0, 0, 1, 2, 2, 3]
