@@ -56,6 +56,31 @@ def fail(message):
     raise SystemExit(2)
 
 
+# how a collective fails when another rank is gone or stuck (gloo's transport errors, either backend's timeout)
+PEER_LOST = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out",
+             "Timed out")
+
+
+@contextlib.contextmanager
+def reported_as_errors(*user_errors, out_dir="out"):
+    """Around a run: the user's mistakes, a full disk and a lost peer rank become fail()'s one line."""
+    try:
+        yield
+    except user_errors as e:
+        fail(e)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        fail(f"no space left on the disk of {e.filename or out_dir}: free some space, then continue with "
+             f"--resume=auto (the checkpoints already written are kept).")
+    except RuntimeError as e:  # gloo's lost connections are RuntimeErrors, NCCL's DistErrors
+        lost = isinstance(e, getattr(dist, "DistError", ())) or any(s in str(e) for s in PEER_LOST)
+        if not (lost and dist.is_available() and dist.is_initialized()):
+            raise
+        fail(f"lost contact with another rank ({str(e).splitlines()[0][:200]}): a rank died or hung, and its own "
+             f"output says why. Fix that, then continue with --resume=auto.")
+
+
 def check_device(requested, local_rank=0, torchrun=False):
     """The device string to compute on, or a ConfigError saying why the requested one cannot be used."""
     match = re.fullmatch(r"(auto|cpu|cuda|mps)(?::(\d+))?", requested)

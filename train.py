@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
-from checks import DISK_FULL, fail, hold_out_dir
+from checks import fail, hold_out_dir, reported_as_errors
 from config import ConfigError, config_to_dict, format_config, help_text, load_config, save_config
 from configure_optimizers import configure_adamw, configure_muon
 from data.loader import DataError, DataLoader
@@ -228,17 +228,11 @@ def main(argv=None):
         return 0
     keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
     try:
-        info = setup_distributed(config.device)
-        with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
-            train(config, info)
-            barrier(info)  # no rank closes its connections while another still finishes its last save
-    except (ConfigError, DataError, NonFiniteError) as e:
-        fail(e)
-    except OSError as e:
-        if e.errno not in DISK_FULL:
-            raise
-        fail(f"no space left on the disk of {e.filename or config.out_dir}: free some space, then continue with "
-             f"--resume=auto (the checkpoints already written are kept).")
+        with reported_as_errors(ConfigError, DataError, NonFiniteError, out_dir=config.out_dir):
+            info = setup_distributed(config.device)
+            with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
+                train(config, info)
+                barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
         teardown_distributed()
     return 0

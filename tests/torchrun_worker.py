@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from checks import fail  # noqa: E402
+from checks import reported_as_errors  # noqa: E402
 from config import load_config  # noqa: E402
 from data.loader import DataError, DataLoader  # noqa: E402
 from distributed import setup_distributed, teardown_distributed  # noqa: E402
@@ -43,10 +43,9 @@ def main():
     if info.rank == int(os.environ.get("TEST_FAIL_RANK", "-1")):
         fail_after(2, os.environ.get("TEST_FAIL_MODE", "raise"))
     try:
-        model = train.train(config, info)
-        torch.save(model.state_dict(), os.path.join(config.out_dir, f"rank{info.rank}.pt"))
-    except DataError as e:
-        fail(e)
+        with reported_as_errors(DataError):
+            model = train.train(config, info)
+            torch.save(model.state_dict(), os.path.join(config.out_dir, f"rank{info.rank}.pt"))
     finally:
         teardown_distributed()
 
