@@ -57,9 +57,9 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        model = load_model(args.model).to(info.device)  # a wrong file is refused before any download
         examples = load_examples(fetch_hellaswag(args.hellaswag_path))
         examples = examples[: args.limit] if args.limit else examples
-        model = load_model(args.model).to(info.device)
         scores = evaluate_hellaswag(model, examples, encode, model.config.block_size, info.device, info.rank,
                                     info.world_size, lambda: autocast_context(info.device_type))
     except (ConfigError, HellaSwagError) as e:

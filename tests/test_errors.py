@@ -246,3 +246,19 @@ def test_a_record_cut_short_by_a_kill_is_dropped_on_resume_and_by_plot(trained, 
     train.main(tiny_args(data, out, "--max_steps=3"))
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps == [0, 0, 1, 2, 2, 3]
+
+
+def test_scripts_refuse_a_file_that_is_not_theirs(trained, capsys):
+    from scripts import eval as eval_script
+    from scripts import plot, sample
+
+    data, out = trained
+    damage_resume_text(data, out)
+    notes = os.path.join(out, "notes.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([notes, "--device=cpu"])
+    assert exit_info.value.code == 2 and "not a checkpoint" in capsys.readouterr().err
+    assert eval_script.main([notes, "--device=cpu"]) == 2 and "not a checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        plot.read_run(os.path.join(out, "ckpt_000002.pt"))
+    assert exit_info.value.code == 2 and "line 1 is not a metrics record" in capsys.readouterr().err
