@@ -27,28 +27,30 @@ PEER_ERROR_WAIT_SECONDS = 10
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _rank_zero_reports(message, rank):
-    """Whether rank 0 fails with the same message: it leaves its message in the job's store."""
+def _shared_line(message, rank, world_size, consequence):
+    """What this rank prints under a process group, or None. Each failing rank leaves its message in the
+    job's store: rank 0 prints its own; another rank prints its own as [rank R] unless rank 0 has the same
+    (waited for, bounded); a lost peer, the consequence of another rank's error, is not printed again."""
     try:
         store = dist.distributed_c10d._get_default_store()
+        store.set(f"error/{rank}", message)
+        if consequence and any(store.check([f"error/{r}"]) for r in range(world_size) if r != rank):
+            return None
         if rank == 0:
-            store.set("error/0", message)
-            return True
+            return message
         store.wait(["error/0"], datetime.timedelta(seconds=PEER_ERROR_WAIT_SECONDS))
-        return store.get("error/0").decode() == message
-    except Exception:  # no answer in time, or rank 0 already gone with the store: say it ourselves
-        return False
+        same = store.get("error/0").decode() == message
+    except Exception:  # no answer in time, or the store already gone: say it ourselves
+        same = False
+    return None if same else f"[rank {rank}] {message}" if rank else message
 
 
-def fail(message):
-    """A user's mistake: one `error:` line, no traceback, exit code 2."""
+def fail(message, consequence=False):
+    """A user's mistake (or a fault outside our code): one `error:` line, no traceback, exit code 2."""
     message = str(message)
     rank = int(os.environ.get("RANK", "0"))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if not _rank_zero_reports(message, rank):
-            message = f"[rank {rank}] {message}"
-        elif rank != 0:
-            message = None  # rank 0 prints it
+        message = _shared_line(message, rank, dist.get_world_size(), consequence)
     elif rank != 0:
         message = None  # before the process group every rank checks the same flags and files: rank 0 speaks
     if message is not None:
@@ -78,7 +80,7 @@ def reported_as_errors(*user_errors, out_dir="out"):
         if not (lost and dist.is_available() and dist.is_initialized()):
             raise
         fail(f"lost contact with another rank ({str(e).splitlines()[0][:200]}): a rank died or hung, and its own "
-             f"output says why. Fix that, then continue with --resume=auto.")
+             f"output says why. Fix that, then continue with --resume=auto.", consequence=True)
 
 
 def check_device(requested, local_rank=0, torchrun=False):

@@ -226,8 +226,9 @@ def check_config(config):
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
-    if config.warmup_steps < 0 or config.eval_iters < 0 or config.keep_last < 0:
-        raise ConfigError("warmup_steps, eval_iters and keep_last must not be negative.")
+    for key in ("warmup_steps", "eval_iters", "keep_last", "sample_tokens"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"config key '{key}' must not be negative; got {getattr(config, key)}.")
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= getattr(config, key) < 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1); got {getattr(config, key)}.")

@@ -94,6 +94,7 @@ CASES = [  # (extra flags, with {data}/{out} filled in, what is done to the file
     (["--device=mps"], None, "MPS is not available"),
     (["--dropout=1.5"], None, "'dropout' must be in [0, 1)"),
     (["--learning_rate=-1"], None, "'learning_rate' must be a finite number >= 0"),
+    (["--sample_tokens=-5"], None, "'sample_tokens' must not be negative"),
     (["-batch_size=4"], None, "write flags as --key=value"),
     (["--batch_size"], None, "flag '--batch_size' needs a value"),
     (["{out}/conf.py"], damage_config_binary, "is UTF-8 Python text"),
@@ -202,6 +203,7 @@ def test_an_error_only_rank_1_sees_reaches_the_user(token_dir, tmp_path):
     result = torchrun(2, "tests/torchrun_worker.py", args, env={"TEST_FAIL_RANK": "1", "TEST_FAIL_MODE": "data"})
     assert result.returncode != 0
     assert result.stderr.count("error: [rank 1] injected: a shard only this rank reads is unreadable") == 1
+    assert result.stderr.count("error: ") == 1  # rank 0, cut off from rank 1, does not add a line of its own
     assert "Traceback" not in result.stderr.split("error: [rank 1]")[0]
 
 
