@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checks import WriteRecorder, disk_full_message
+from checks import WriteRecorder, failed_save_message
 from config import ConfigError, config_to_dict
 from data.shards import atomic_write
 
@@ -42,13 +42,8 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            writer = WriteRecorder(f)
-            try:
+            with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
                 torch.save(obj, writer)
-            except RuntimeError:  # torch words a failed write as "unexpected pos": give the OSError behind it
-                if writer.error is None:
-                    raise
-                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -267,9 +262,8 @@ class Checkpointer:
         try:
             atomic_save(checkpoint, path)
         except OSError as e:
-            kept = list_checkpoints(self.config.out_dir)
-            problem = f"{disk_full_message(path, checkpoint, e)}; the newest checkpoint kept is " + (
-                kept[0][1] if kept else "none")
+            kept = (list_checkpoints(self.config.out_dir) or [(None, "none")])[0][1]
+            problem = failed_save_message(path, checkpoint, e, kept)
             if final:
                 raise ConfigError(f"{problem}. Free some space, then continue with --resume=auto.") from None
             self.log(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")

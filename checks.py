@@ -149,7 +149,8 @@ def hold_out_dir(out_dir, is_master=True):
 
 
 class WriteRecorder:
-    """A file for torch.save that keeps the OSError (a full disk, say) of a write that fails."""
+    """A file for torch.save that keeps the OSError (a full disk, say) of a write that fails: torch words
+    it as "unexpected pos"; leaving the `with` block raises the OSError behind it instead."""
 
     def __init__(self, file):
         self.file, self.error = file, None
@@ -164,6 +165,14 @@ class WriteRecorder:
     def flush(self):
         return self.file.flush()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if isinstance(value, RuntimeError) and self.error is not None:
+            raise self.error from None
+        return False
+
 
 def tensor_bytes(obj):
     """Bytes of the tensors in a nested checkpoint: about what it takes on disk."""
@@ -176,12 +185,11 @@ def tensor_bytes(obj):
     return 0
 
 
-def disk_full_message(path, checkpoint, error):
-    """'no space for PATH: it needs about X MB, Y MB are free' (or the write's own reason)."""
-    directory = os.path.dirname(os.path.abspath(path))
+def failed_save_message(path, checkpoint, error, kept):
+    """'no space left for PATH: a checkpoint needs about X MB and Y MB are free ...; the newest kept is ...'."""
+    kept = f"the newest checkpoint kept is {kept}"
     if error.errno not in DISK_FULL:
-        return f"could not write {path}: {error.strerror or error}"
-    free = os.statvfs(directory)
-    needed = tensor_bytes(checkpoint) / 1e6
-    return (f"no space left for {path}: a checkpoint needs about {needed:,.1f} MB and "
-            f"{free.f_bavail * free.f_frsize / 1e6:,.1f} MB are free on that disk")
+        return f"could not write {path}: {error.strerror or error}; {kept}"
+    free = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return (f"no space left for {path}: a checkpoint needs about {tensor_bytes(checkpoint) / 1e6:,.1f} MB and "
+            f"{free.f_bavail * free.f_frsize / 1e6:,.1f} MB are free on that disk; {kept}")

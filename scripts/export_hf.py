@@ -10,8 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
+from checkpoint import try_load  # noqa: E402
 from hf_interop import export_hf  # noqa: E402
 
 
@@ -20,12 +19,15 @@ def main(argv=None):
     parser.add_argument("checkpoint", help="a ckpt_STEP.pt or best_STEP.pt file written by train.py")
     parser.add_argument("out_dir", help="folder to write config.json and model.safetensors into")
     args = parser.parse_args(argv)
-    try:
-        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        print(f"error: cannot read checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+    checkpoint, problem = try_load(args.checkpoint, required=("model", "config"))
+    if checkpoint is None:
+        print(f"error: cannot read checkpoint {args.checkpoint}: {problem}", file=sys.stderr)
         return 2
-    export_hf(checkpoint["model"], checkpoint["config"], args.out_dir)
+    try:
+        export_hf(checkpoint["model"], checkpoint["config"], args.out_dir)
+    except OSError as e:
+        print(f"error: cannot write {args.out_dir}: {e.strerror}. Choose a folder you can write to.", file=sys.stderr)
+        return 2
     print(f"wrote {args.out_dir}/config.json and model.safetensors")
     return 0
 

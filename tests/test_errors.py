@@ -252,7 +252,7 @@ def test_a_record_cut_short_by_a_kill_is_dropped_on_resume_and_by_plot(trained, 
 
 def test_scripts_refuse_a_file_that_is_not_theirs(trained, capsys):
     from scripts import eval as eval_script
-    from scripts import plot, sample
+    from scripts import export_hf, plot, sample
 
     data, out = trained
     damage_resume_text(data, out)
@@ -261,6 +261,10 @@ def test_scripts_refuse_a_file_that_is_not_theirs(trained, capsys):
         sample.main([notes, "--device=cpu"])
     assert exit_info.value.code == 2 and "not a checkpoint" in capsys.readouterr().err
     assert eval_script.main([notes, "--device=cpu"]) == 2 and "not a checkpoint" in capsys.readouterr().err
+    assert export_hf.main([notes, str(out)]) == 2 and "not a checkpoint" in capsys.readouterr().err
+    ckpt = os.path.join(out, "ckpt_000002.pt")
+    assert export_hf.main([ckpt, os.path.join(out, "config.json", "hf")]) == 2
+    assert "cannot write" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        plot.read_run(os.path.join(out, "ckpt_000002.pt"))
+        plot.read_run(ckpt)
     assert exit_info.value.code == 2 and "line 1 is not a metrics record" in capsys.readouterr().err
