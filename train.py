@@ -124,7 +124,7 @@ def train(config, info):
 
     # data
     loader_args = dict(batch_size=config.batch_size, block_size=config.block_size, rank=info.rank,
-                       world_size=info.world_size, seed=config.seed, device=info.device)
+                       world_size=info.world_size, seed=config.seed, device=info.device, vocab_size=config.vocab_size)
     started = time.time()
     train_loader = DataLoader(config.data_dir, "train", shuffle=config.shuffle, **loader_args)
     val_loader = DataLoader(config.data_dir, "val", shuffle=False, **loader_args)

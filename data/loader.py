@@ -105,7 +105,7 @@ def verify_hashes(data_dir, shards):
 
 class DataLoader:
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
-                 shuffle=True, device="cpu"):
+                 shuffle=True, device="cpu", vocab_size=None):
         manifest = read_manifest(data_dir)
         shards = [s for s in manifest["shards"] if s["split"] == split]
         if not shards:
@@ -118,6 +118,7 @@ class DataLoader:
         self.batch_size, self.block_size = batch_size, block_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        self.vocab_size = vocab_size  # token ids at or beyond it are refused (an embedding would fail on them)
         self.device = torch.device(device)
         # windows never cross a shard boundary; a shard's last partial window is dropped
         self.windows_per_shard = [(t.size - 1) // block_size for t in self.tokens]
@@ -177,6 +178,9 @@ class DataLoader:
             self._check_unchanged(shard)
         rows = [self.tokens[shard][start:start + self.block_size + 1] for shard, start in rows]
         buf = np.stack(rows)  # (B, T + 1) uint16: the only copy out of the memory map
+        if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
+            raise DataError(f"the data in '{os.path.dirname(self.paths[0])}' holds token id {int(buf.max())}, beyond "
+                            f"--vocab_size={self.vocab_size}: raise vocab_size to the tokenizer's (50304 for GPT-2).")
         # int64 conversion in numpy, one thread: torch's parallel copy stalls when the cores are busy training
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))
