@@ -11,6 +11,7 @@ import sys
 import time
 
 import torch
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from allocator import keep_large_allocations_on_heap
@@ -63,7 +64,11 @@ def load_gpt2_folder(model, config):
     if not os.path.isfile(os.path.join(config.init_from, "model.safetensors")):
         raise ConfigError(f"init_from '{config.init_from}' has no model.safetensors: give a GPT-2 folder "
                           f"with config.json and model.safetensors.")
-    model_keys, state = import_hf(config.init_from, config.vocab_size)
+    try:
+        model_keys, state = import_hf(config.init_from, config.vocab_size)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # ValueError: config.json is not JSON
+        raise ConfigError(f"init_from '{config.init_from}' is not a GPT-2 folder that can be read ({type(e).__name__}: "
+                          f"{e}): give a folder written by scripts/export_hf.py or transformers.") from None
     differ = mismatched_keys(model_keys, config)
     if differ:
         raise ConfigError(f"init_from '{config.init_from}' is another model shape: {'; '.join(differ)}. "

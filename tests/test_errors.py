@@ -84,6 +84,13 @@ def damage_config_not_python(data, out):
         f.write("n_layer: 2\nbatch size = 4\n")
 
 
+def damage_gpt2_folder(data, out):
+    os.makedirs(os.path.join(out, "hf"))
+    for name, text in (("config.json", '{"n_layer": 2}'), ("model.safetensors", "not weights")):
+        with open(os.path.join(out, "hf", name), "w") as f:
+            f.write(text)
+
+
 def damage_resume_text(data, out):
     with open(os.path.join(out, "notes.pt"), "w") as f:
         f.write("not a checkpoint\n" * 100)
@@ -103,6 +110,7 @@ CASES = [  # (extra flags, with {data}/{out} filled in, what is done to the file
     ([], damage_manifest_other, "is not a manifest that data/prepare.py writes"),
     ([], damage_shard_dtype, "int32 tokens, manifest.json says"),
     (["--vocab_size=32", "--resume=never", "--out_dir={out}/new"], None, "holds token id 6"),
+    (["--init_from={out}/hf", "--out_dir={out}/new"], damage_gpt2_folder, "is not a GPT-2 folder that can be read"),
     (["--resume={out}/notes.pt"], damage_resume_text, "not a checkpoint: train.py writes ckpt_STEP.pt"),
     (["--out_dir={out}/config.json/sub"], None, "cannot create or write --out_dir"),
 ]
