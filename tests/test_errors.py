@@ -278,3 +278,16 @@ def test_scripts_refuse_a_file_that_is_not_theirs(trained, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot.read_run(ckpt)
     assert exit_info.value.code == 2 and "line 1 is not a metrics record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json.tmp"])
+def test_full_disk_at_any_other_write_is_one_error_line(trained, capsys, name):
+    data, out = trained
+    new = os.path.join(out, "new")
+    os.makedirs(new)
+    os.symlink("/dev/full", os.path.join(new, name))  # writes there fail with ENOSPC, from the kernel
+    before = snapshot(data, out)
+    capsys.readouterr()
+    expect_error(capsys, tiny_args(data, new, "--max_steps=2"), "no space left on the disk of")
+    after = snapshot(data, out)
+    assert {path: after.get(path) for path in before} == before
