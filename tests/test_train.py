@@ -60,7 +60,8 @@ def test_bad_runs_exit_with_one_clear_message(token_dir, tmp_path, extra, messag
 
 
 def test_data_dir_without_shards_says_how_to_make_them(tmp_path):
-    result = run_python(["train.py", f"--data_dir={tmp_path}/empty", "--wandb_mode=disabled", "--device=cpu"])
+    result = run_python(["train.py", f"--data_dir={tmp_path}/empty", f"--out_dir={tmp_path}/out", "--wandb_mode=disabled",
+                         "--device=cpu"])
     assert result.returncode == 2
     assert "python data/prepare.py" in result.stderr and "Traceback" not in result.stderr
 
