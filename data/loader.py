@@ -32,7 +32,9 @@ def read_manifest(data_dir):
     try:
         with open(path, "rb") as f:
             manifest = json.loads(f.read())
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror}. Check the permissions of {data_dir}.") from None
+    except ValueError as e:  # not JSON, or not UTF-8
         raise DataError(f"'{path}' cannot be read as JSON ({e}): it is damaged; re-run data/prepare.py.") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "tokens", "split"} <= s.keys()
