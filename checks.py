@@ -27,20 +27,38 @@ PEER_ERROR_WAIT_SECONDS = 10
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _shared_line(message, rank, world_size, consequence):
-    """What this rank prints under a process group, or None. Each failing rank leaves its message in the
-    job's store: rank 0 prints its own; another rank prints its own as [rank R] unless rank 0 has the same
-    (waited for, bounded); a lost peer, the consequence of another rank's error, is not printed again."""
+def _job_store():
+    """The job's key-value store: torchrun's agent serves it before any process group exists (a client
+    connects to MASTER_ADDR:MASTER_PORT); otherwise the process group's, or None."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=PEER_ERROR_WAIT_SECONDS))
+    if dist.is_available() and dist.is_initialized():
+        return dist.distributed_c10d._get_default_store()
+    return None
+
+
+def _line_under_torchrun(message, rank, world_size, consequence):
+    """What this rank prints, or None. Each failing rank leaves its message in the job's store: rank 0
+    prints its own; another rank prints its own as [rank R] unless rank 0 has the same (waited for, bounded,
+    which also keeps it alive until rank 0 has printed); a lost peer, the consequence of another rank's
+    error, is not printed again."""
+    key = f"gpt2_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted job starts clean
     try:
-        store = dist.distributed_c10d._get_default_store()
-        store.set(f"error/{rank}", message)
-        if consequence and any(store.check([f"error/{r}"]) for r in range(world_size) if r != rank):
+        store = _job_store()
+        if store is None:
+            return message if rank == 0 else None  # every rank checked the same flags and files: rank 0 speaks
+        if consequence and any(store.check([f"{key}{r}"]) for r in range(world_size) if r != rank):
             return None
         if rank == 0:
-            return message
-        store.wait(["error/0"], datetime.timedelta(seconds=PEER_ERROR_WAIT_SECONDS))
-        same = store.get("error/0").decode() == message
-    except Exception:  # no answer in time, or the store already gone: say it ourselves
+            print(f"error: {message}", file=sys.stderr, flush=True)  # before the key: the others exit after it
+            with contextlib.suppress(Exception):
+                store.set(f"{key}0", message)
+            return None
+        store.set(f"{key}{rank}", message)
+        store.wait([f"{key}0"], datetime.timedelta(seconds=PEER_ERROR_WAIT_SECONDS))
+        same = store.get(f"{key}0").decode() == message
+    except Exception:  # no answer in time, or no store to reach: say it ourselves
         same = False
     return None if same else f"[rank {rank}] {message}" if rank else message
 
@@ -48,11 +66,9 @@ def _shared_line(message, rank, world_size, consequence):
 def fail(message, consequence=False):
     """A user's mistake (or a fault outside our code): one `error:` line, no traceback, exit code 2."""
     message = str(message)
-    rank = int(os.environ.get("RANK", "0"))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        message = _shared_line(message, rank, dist.get_world_size(), consequence)
-    elif rank != 0:
-        message = None  # before the process group every rank checks the same flags and files: rank 0 speaks
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        message = _line_under_torchrun(message, int(os.environ.get("RANK", "0")), world_size, consequence)
     if message is not None:
         print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
