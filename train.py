@@ -51,7 +51,7 @@ def make_optimizers(config, model, device_type, log):
     """A list of optimizers; each param group carries 'initial_lr', which the schedule scales."""
     if config.optimizer == "muon":
         return configure_muon(model, config.n_embd, config.matrix_lr, config.embedding_lr, config.unembedding_lr,
-                              config.learning_rate, config.muon_momentum, log=log)
+                              config.learning_rate, config.muon_momentum, device_type=device_type, log=log)
     adamw = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                             device_type=device_type, log=log)
     return [adamw]
@@ -107,10 +107,12 @@ def evaluate(model, val_loader, config, info):
 
 
 def generate_sample(model, config, device, step):
+    model.eval()  # no dropout while sampling
     prompt = torch.tensor([encode(config.sample_prompt or "\n")], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed + step)
     with autocast_context(torch.device(device).type):
         out = model.generate(prompt, config.sample_tokens, temperature=1.0, top_k=50, generator=generator)
+    model.train()
     return decode(out[0].tolist())
 
 
