@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import encode
-from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples, render
+from evaluate import HellaSwagError, ending_losses, evaluate_hellaswag, fetch_hellaswag, load_examples, render
 from hf_interop import export_hf
 from model import GPT, GPTConfig
 from tests.conftest import run_python
@@ -69,6 +69,30 @@ def test_scores_match_transformers(tmp_path):
     assert scores["hellaswag_examples"] == 3
     assert scores["hellaswag_acc"] == pytest.approx(expected_acc / 3)
     assert scores["hellaswag_acc_norm"] == pytest.approx(expected_acc_norm / 3)
+
+
+def varied_examples(n=16, seed=0):
+    """Examples of many lengths: some short, some longer than the 64-token window (left-truncated)."""
+    words = "the a man woman dog runs jumps into water slowly then picks up ball and throws it far away".split()
+    rng = torch.Generator().manual_seed(seed)
+
+    def text(lo, hi):
+        count = int(torch.randint(lo, hi, (1,), generator=rng))
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (count,), generator=rng))
+
+    return [{"ctx": text(1, 60), "endings": [text(1, 12) for _ in range(4)], "label": 0} for _ in range(n)]
+
+
+def test_batched_scores_equal_the_per_example_ones():
+    """Labels set to the per-example reference's choice: the batched scorer must agree on every example, for
+    the summed (acc) and the mean (acc_norm) loss alike, in batches of several lengths with filler rows."""
+    model, examples = tiny_model(), varied_examples()
+    reference = [ending_losses(model, *render(example, encode, 64)) for example in examples]  # (summed, mean)
+    for which, key in ((0, "hellaswag_acc"), (1, "hellaswag_acc_norm")):
+        labelled = [dict(e, label=int(losses[which].argmin())) for e, losses in zip(examples, reference)]
+        for batch_tokens in (256, 8192):
+            scores = evaluate_hellaswag(model, labelled, encode, 64, "cpu", batch_tokens=batch_tokens)
+            assert scores[key] == 1.0 and scores["hellaswag_examples"] == len(examples), batch_tokens
 
 
 def test_render_masks_only_the_ending():
