@@ -28,7 +28,8 @@ class HellaSwagError(Exception):
 
 
 def fetch_hellaswag(path, url=HELLASWAG_URL, timeout=30):
-    """The path of the HellaSwag val jsonl, downloading it there first if it is missing."""
+    """The path of the HellaSwag val jsonl, downloading it there first if it is missing (into a temporary file
+    of this process's own, renamed into place: a reader never sees half a file)."""
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -38,11 +39,32 @@ def fetch_hellaswag(path, url=HELLASWAG_URL, timeout=30):
     except OSError as e:
         raise HellaSwagError(f"could not download HellaSwag from {url} ({e}). Download hellaswag_val.jsonl "
                              f"by hand to {path}, or turn it off with --hellaswag=false.") from None
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def load_hellaswag(path, url=HELLASWAG_URL):
+    """The examples on every rank: rank 0 reads the file (downloading it once if missing) and broadcasts
+    them, so one download serves the job and no other rank or node needs the file."""
+    distributed = dist.is_available() and dist.is_initialized()
+    box = [None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            box = [load_examples(fetch_hellaswag(path, url))]
+        except HellaSwagError as e:
+            box = [str(e)]  # sent as a message: every rank raises it, none waits for examples
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise HellaSwagError(box[0])
+    return box[0]
 
 
 def load_examples(path):

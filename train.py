@@ -20,7 +20,7 @@ from configure_optimizers import configure_adamw, configure_muon
 from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
 from distributed import all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
-from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples
+from evaluate import HellaSwagError, evaluate_hellaswag, load_hellaswag
 from guards import NonFiniteError, NonFiniteGuard, StopSignal
 from hf_interop import import_hf, mismatched_keys
 from logger import Logger
@@ -71,14 +71,11 @@ def load_gpt2_folder(model, config):
 
 
 def hellaswag_examples(config, info):
-    """The HellaSwag val examples (rank 0 downloads them once; the others wait), or None when turned off."""
+    """The HellaSwag val examples (rank 0 reads or downloads them and broadcasts), or None when turned off."""
     if not config.hellaswag:
         return None
     try:
-        if info.is_master:
-            fetch_hellaswag(config.hellaswag_path)
-        barrier(info)
-        return load_examples(fetch_hellaswag(config.hellaswag_path))
+        return load_hellaswag(config.hellaswag_path)
     except HellaSwagError as e:
         raise DataError(str(e)) from None
 

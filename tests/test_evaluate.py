@@ -1,6 +1,9 @@
 """HellaSwag scoring, checked against a direct computation with transformers' GPT2LMHeadModel."""
 
+import http.server
 import json
+import os
+import threading
 import time
 
 import pytest
@@ -130,6 +133,51 @@ def test_eval_script_on_a_checkpoint(tmp_path):
                          f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}"])
     assert result.returncode == 0, result.stderr
     assert "acc_norm" in result.stdout and "examples 3" in result.stdout
+
+
+def serve(body):
+    """A tiny HTTP server on 127.0.0.1 that answers every GET with body; (server, the paths requested)."""
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, requested
+
+
+def test_torchrun_downloads_hellaswag_once_and_every_rank_scores_it(tmp_path):
+    """The file absent under 2-process torchrun: one download, no temporary file left, and the scores of
+    a single process over all examples (so rank 1 scored its share of the same examples)."""
+    model = tiny_model()
+    keys = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 50304, "tie_embeddings": True}
+    torch.save({"model": model.state_dict(), "config": keys}, tmp_path / "ckpt.pt")
+    write_examples(tmp_path / "source.jsonl")
+    body = (tmp_path / "source.jsonl").read_bytes()
+    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
+    server, requested = serve(body)
+    try:
+        result = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/eval.py",
+                             str(tmp_path / "ckpt.pt"), "--device=cpu", f"--hellaswag_path={path}",
+                             f"--hellaswag_url=http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl"],
+                            env={"OMP_NUM_THREADS": "1"})
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert requested == ["/hellaswag_val.jsonl"]
+    assert path.read_bytes() == body and os.listdir(path.parent) == [path.name]
+    expected = evaluate_hellaswag(model, EXAMPLES, encode, 64, "cpu")
+    assert (f"acc {expected['hellaswag_acc']:.4f} | acc_norm {expected['hellaswag_acc_norm']:.4f} | examples 3"
+            in result.stdout), result.stdout
 
 
 def test_training_logs_hellaswag_at_each_evaluation(token_dir, tmp_path):
