@@ -18,9 +18,9 @@ ARGS = ["--vocab_size=128", "--max_steps=8", "--checkpoint_interval=3", "--dropo
 DELAY = {"GPT2_DEBUG_STEP_DELAY": "0.3"}  # slow steps, so the test can signal a run mid-way
 
 
-def start(command, env=None):
+def start(command, env=None, cwd=ROOT):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
