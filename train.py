@@ -159,13 +159,13 @@ def train(config, info):
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
-    stop = StopSignal(info)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
     window_start = None
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
-        stopping = stop.requested()
+        stopping = stop.requested(step)
         if checkpoints.due(step, force=last_step or stopping) or config.eval_iters > 0 and (
                 step % config.eval_interval == 0 or last_step):
             guard.check(logger)  # the saved count of NaN/inf steps is complete
