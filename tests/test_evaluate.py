@@ -74,7 +74,7 @@ def test_scores_match_transformers(tmp_path):
     assert scores["hellaswag_acc_norm"] == pytest.approx(expected_acc_norm / 3)
 
 
-def varied_examples(n=16, seed=0):
+def varied_examples(n=10, seed=0):
     """Examples of many lengths: some short, some longer than the 64-token window (left-truncated)."""
     words = "the a man woman dog runs jumps into water slowly then picks up ball and throws it far away".split()
     rng = torch.Generator().manual_seed(seed)
