@@ -38,9 +38,9 @@ def write_examples(path):
     return str(path)
 
 
-def tiny_model():
+def tiny_model(block_size=64):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
 def reference_scores(hf_model, example):
@@ -74,27 +74,29 @@ def test_scores_match_transformers(tmp_path):
     assert scores["hellaswag_acc_norm"] == pytest.approx(expected_acc_norm / 3)
 
 
-def varied_examples(n=10, seed=0):
-    """Examples of many lengths: some short, some longer than the 64-token window (left-truncated)."""
+def varied_examples(context_words=(5, 20, 45, 70, 100, 160), seed=0):
+    """Examples of many lengths: rows of under 64 tokens, of 64-128, and longer than a 128-token window."""
     words = "the a man woman dog runs jumps into water slowly then picks up ball and throws it far away".split()
     rng = torch.Generator().manual_seed(seed)
 
-    def text(lo, hi):
-        count = int(torch.randint(lo, hi, (1,), generator=rng))
+    def text(count):
         return " ".join(words[int(i)] for i in torch.randint(len(words), (count,), generator=rng))
 
-    return [{"ctx": text(1, 60), "endings": [text(1, 12) for _ in range(4)], "label": 0} for _ in range(n)]
+    return [{"ctx": text(n), "endings": [text(int(torch.randint(1, 12, (1,), generator=rng))) for _ in range(4)],
+             "label": 0} for n in context_words]
 
 
 def test_batched_scores_equal_the_per_example_ones():
     """Labels set to the per-example reference's choice: the batched scorer must agree on every example, for
     the summed (acc) and the mean (acc_norm) loss alike, in batches of several lengths with filler rows."""
-    model, examples = tiny_model(), varied_examples()
-    reference = [ending_losses(model, *render(example, encode, 64)) for example in examples]  # (summed, mean)
+    model, examples = tiny_model(128), varied_examples()
+    reference = [ending_losses(model, *render(example, encode, 128)) for example in examples]  # (summed, mean)
+    longest = [len(encode(e["ctx"])) + max(len(encode(" " + x)) for x in e["endings"]) for e in examples]
+    assert min(longest) <= 64 < sorted(longest)[len(longest) // 2] <= 128 < max(longest)  # 64, 128, truncated
     for which, key in ((0, "hellaswag_acc"), (1, "hellaswag_acc_norm")):
         labelled = [dict(e, label=int(losses[which].argmin())) for e, losses in zip(examples, reference)]
-        for batch_tokens in (256, 8192):
-            scores = evaluate_hellaswag(model, labelled, encode, 64, "cpu", batch_tokens=batch_tokens)
+        for batch_tokens in (512, 1024):  # 1-4 examples a batch, some batches with filler rows
+            scores = evaluate_hellaswag(model, labelled, encode, 128, "cpu", batch_tokens=batch_tokens)
             assert scores[key] == 1.0 and scores["hellaswag_examples"] == len(examples), batch_tokens
 
 

@@ -21,8 +21,8 @@ def free_port():
 
 
 def node_command(node_rank, port):
-    """torchrun for one of two nodes; --local_addr orders the nodes (rank 0 on node 0), is_host says which
-    one serves the rendezvous store."""
+    """torchrun for one of two nodes; --local_addr orders the nodes (c10d gives rank 0 to the lower address),
+    is_host says which one serves the rendezvous store."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
             f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
             "--rdzv_id=two_nodes", f"--local_addr=127.0.0.{node_rank + 1}", f"--rdzv_conf=is_host={node_rank == 0}",
@@ -30,6 +30,7 @@ def node_command(node_rank, port):
 
 
 def start_nodes(nodes, env=None):
+    """nodes[0] runs rank 0."""
     port = free_port()
     return [start(node_command(rank, port), env=dict(env or {}), cwd=node) for rank, node in enumerate(nodes)]
 
@@ -62,3 +63,9 @@ def test_two_nodes_without_a_shared_filesystem_resume_exactly(tmp_path):
                        for d in (os.path.join(nodes[0], "out"), reference))
     for name, tensor in expected["model"].items():
         assert torch.equal(final["model"][name], tensor), name
+
+    # restarted with the other node as rank 0: its out_dir has no checkpoint, so resuming afresh would be
+    # silent; the run refuses and says where the newest checkpoint is
+    outputs = [finish(run) for run in start_nodes(nodes[::-1])]
+    assert all(code != 0 for code, _ in outputs), outputs
+    assert "rank 1 finds out/ckpt_000008.pt, newer than any checkpoint in rank 0's out_dir" in outputs[0][1]
