@@ -1,0 +1,154 @@
+"""How the model is spread over processes: DDP (every rank holds everything) or FSDP2 (each rank holds a
+shard of every weight, gradient and optimizer state), and the optimizer pieces that need to know it.
+
+    --parallel=ddp   DistributedDataParallel; one process without torchrun needs nothing at all
+    --parallel=fsdp  torch.distributed.fsdp.fully_shard on each block, then on the whole model (the root
+                     unit holds wte, tied to lm_head, wpe and ln_f); bf16 weights gathered for compute and
+                     fp32 gradient reduction on CUDA; the same code under gloo on CPU
+
+Muon under FSDP (ShardedMuon): the momentum is elementwise, so each rank keeps it for its own rows. The
+Newton-Schulz orthogonalization is not: it needs the whole matrix. Each matrix has an owning rank
+(round robin, so the work is shared); the others send it their rows, the owner orthogonalizes the whole
+matrix once, and sends each rank its rows of the update back. The result is torch.optim.Muon's update.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def ensure_process_group(info):
+    """FSDP needs a process group even for one process without torchrun: a private one-rank group then."""
+    if not dist.is_initialized():
+        backend = "nccl" if info.device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device(info.device) if backend == "nccl" else None)
+
+
+def shard_model(model, info):
+    """fully_shard each transformer block, then the root (in place: `model` becomes the FSDP module)."""
+    ensure_process_group(info)
+    policy = MixedPrecisionPolicy()  # float32 throughout on CPU
+    if info.device_type == "cuda":
+        # weights gathered in bf16 for the matmuls, gradients reduced in fp32, fp32 master weights kept sharded
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the rest, wte/lm_head's tied weight included, lives in the root unit
+    if info.device_type != "cuda" and hasattr(model, "set_force_sum_reduction_for_comms"):
+        # gloo has no AVG reduction: sum, then divide by the world size ourselves (pytorch issue 162338)
+        model.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def wrap_model(raw_model, config, info):
+    """(model to train, model to evaluate): sharded or DDP-wrapped, compiled when config.compile."""
+    if config.parallel == "fsdp":
+        shard_model(raw_model, info)
+    model = torch.compile(raw_model) if config.compile else raw_model
+    eval_model = model  # not DDP-wrapped: evaluation needs no gradient sync
+    if config.parallel == "ddp" and info.ddp:
+        model = DDP(model, device_ids=[info.local_rank] if info.device_type == "cuda" else None)
+    return model, eval_model
+
+
+def is_sharded(model):
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def set_gradient_sync(model, enabled):
+    """Sync gradients on this backward (the last micro-step) or only accumulate locally (earlier ones)."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP module (possibly inside torch.compile)
+        model.set_requires_gradient_sync(enabled)
+    elif hasattr(getattr(model, "_orig_mod", None), "set_requires_gradient_sync"):
+        model._orig_mod.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(parameters, max_norm):
+    """Clip to the global norm over every shard; return the pre-clip norm as a plain tensor."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    total_norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()  # the sum of squares over all ranks' shards
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
+def row_counts(rows, world_size):
+    """Rows of a dim-0 shard on each rank, as FSDP cuts them (torch.chunk; trailing ranks may get none)."""
+    per_rank = -(-rows // world_size)
+    return [max(0, min(per_rank, rows - rank * per_rank)) for rank in range(world_size)]
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon for FSDP's dim-0 sharded DTensor matrices (plain tensors pass through unchanged)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0
+        for group in self.param_groups:
+            momentum, lr = group["momentum"], group["lr"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buf = state["momentum_buffer"]
+                buf.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = self._orthogonalize(update, group, owner=index)
+                index += 1
+                param.mul_(1 - lr * group["weight_decay"])
+                local = param.to_local() if isinstance(param, DTensor) else param
+                local.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
+
+    def _orthogonalize(self, update, group, owner):
+        """Newton-Schulz of the whole matrix on its owning rank; returns this rank's rows of the result."""
+        ns = (group["ns_coefficients"], group["ns_steps"], group["eps"])
+        if not isinstance(update, DTensor):
+            return _zeropower_via_newtonschulz(update, *ns)
+        mesh_group = update.device_mesh.get_group()
+        world_size, rank = dist.get_world_size(mesh_group), dist.get_rank(mesh_group)
+        local = update.to_local()
+        if world_size == 1:
+            return _zeropower_via_newtonschulz(local, *ns)
+        rows, cols = update.shape
+        counts = row_counts(rows, world_size)
+        per_rank = max(counts)
+        owner = owner % world_size
+        owner_global = dist.get_global_rank(mesh_group, owner)
+        padded = local.new_zeros(per_rank, cols)  # gloo's gather and scatter want equal sizes
+        padded[: local.size(0)] = local
+        pieces = [torch.empty_like(padded) for _ in range(world_size)] if rank == owner else None
+        dist.gather(padded, pieces, dst=owner_global, group=mesh_group)
+        if rank == owner:
+            whole = torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
+            result = _zeropower_via_newtonschulz(whole, *ns).to(local.dtype)
+            pieces = list(result.split(counts))
+            pieces = [torch.cat([p, p.new_zeros(per_rank - p.size(0), cols)]) for p in pieces]
+        dist.scatter(padded, pieces, src=owner_global, group=mesh_group)
+        return padded[: local.size(0)]
+
+
+def optimizer_state_elements(optimizer):
+    """Elements of optimizer state this rank holds (its shards only under FSDP); step counters left out."""
+    total = 0
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            if torch.is_tensor(value) and name != "step":
+                total += (value.to_local() if isinstance(value, DTensor) else value).numel()
+    return total
