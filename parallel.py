@@ -57,10 +57,6 @@ def wrap_model(raw_model, config, info):
     return model, eval_model
 
 
-def is_sharded(model):
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def set_gradient_sync(model, enabled):
     """Sync gradients on this backward (the last micro-step) or only accumulate locally (earlier ones)."""
     if isinstance(model, DDP):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 from tests.conftest import read_metrics, run_python
 from tests.test_distributed import torchrun
@@ -36,3 +37,16 @@ def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_
         assert sum(r[optimizer]["state"] for r in ranks) == full_state
         for r in ranks:
             assert abs(r[optimizer]["state"] - full_state / 2) <= 0.02 * full_state, (optimizer, r)
+
+
+def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config():
+    """GPT-2 XL's config on 8 processes: fsdp holds 1/8 of the weights, gradients and optimizer state."""
+    result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", "--dry_run"], env={"WORLD_SIZE": "8"})
+    assert result.returncode == 0, result.stderr
+    assert "parameters: 1,557,686,400" in result.stdout  # GPT-2 XL with the vocab padded to 50304
+    lines = {parallel: next(line for line in result.stdout.splitlines() if f"GPU memory per process ({parallel}" in line)
+             for parallel in ("ddp", "fsdp")}
+    assert "fsdp, this run, 8 processes" in lines["fsdp"]
+    for part in ("weights", "gradients", "optimizer state"):
+        ddp, fsdp = (float(re.search(rf"{part} ([\d.]+) GiB", lines[p]).group(1)) for p in ("ddp", "fsdp"))
+        assert math.isclose(fsdp, ddp / 8, rel_tol=0.02), (part, ddp, fsdp)
