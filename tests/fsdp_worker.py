@@ -76,8 +76,8 @@ def main():
     info = setup_distributed("cpu")
     try:
         for optimizer_name in ("adamw", "muon"):
-            config = load_config(tiny_args(token_dir, os.path.join(out_root, optimizer_name), "--max_steps=3",
-                                           "--eval_interval=3", f"--optimizer={optimizer_name}",
+            config = load_config(tiny_args(token_dir, os.path.join(out_root, optimizer_name), "--max_steps=4",
+                                           "--eval_interval=4", f"--optimizer={optimizer_name}",
                                            f"--parallel={'fsdp' if distributed else 'ddp'}"))
             train.train(config, info)
         if distributed:
