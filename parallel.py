@@ -93,9 +93,8 @@ class ShardedMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = 0
+        todo = []  # (group, param, momentum update): elementwise, so each rank computes its own rows
         for group in self.param_groups:
-            momentum, lr = group["momentum"], group["lr"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -103,41 +102,59 @@ class ShardedMuon(torch.optim.Muon):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(param)
                 buf = state["momentum_buffer"]
-                buf.lerp_(param.grad, 1 - momentum)
-                update = param.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = self._orthogonalize(update, group, owner=index)
-                index += 1
-                param.mul_(1 - lr * group["weight_decay"])
-                local = param.to_local() if isinstance(param, DTensor) else param
-                local.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+                buf.lerp_(param.grad, 1 - group["momentum"])
+                update = param.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                todo.append((group, param, update))
+        updates = orthogonalize([(update, group) for group, _, update in todo])
+        for (group, param, _), update in zip(todo, updates):
+            lr = group["lr"]
+            param.mul_(1 - lr * group["weight_decay"])
+            local = param.to_local() if isinstance(param, DTensor) else param
+            local.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
         return loss
 
-    def _orthogonalize(self, update, group, owner):
-        """Newton-Schulz of the whole matrix on its owning rank; returns this rank's rows of the result."""
-        ns = (group["ns_coefficients"], group["ns_steps"], group["eps"])
-        if not isinstance(update, DTensor):
-            return _zeropower_via_newtonschulz(update, *ns)
-        mesh_group = update.device_mesh.get_group()
+
+def newton_schulz(matrix, group):
+    return _zeropower_via_newtonschulz(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+
+def orthogonalize(items):
+    """Newton-Schulz of each (update, hyperparameters) matrix, whole; returns this rank's rows of each.
+
+    Sharded matrices get owners round robin. All rows travel to the owners first (asynchronously), then
+    every rank orthogonalizes the matrices it owns while the others do theirs, and scatters the rows back.
+    """
+    results, transfers = [None] * len(items), []
+    for index, (update, group) in enumerate(items):
+        local = update.to_local() if isinstance(update, DTensor) else update
+        mesh_group = update.device_mesh.get_group() if isinstance(update, DTensor) else None
+        if mesh_group is None or dist.get_world_size(mesh_group) == 1:
+            results[index] = newton_schulz(local, group)
+            continue
         world_size, rank = dist.get_world_size(mesh_group), dist.get_rank(mesh_group)
-        local = update.to_local()
-        if world_size == 1:
-            return _zeropower_via_newtonschulz(local, *ns)
-        rows, cols = update.shape
-        counts = row_counts(rows, world_size)
-        per_rank = max(counts)
-        owner = owner % world_size
-        owner_global = dist.get_global_rank(mesh_group, owner)
-        padded = local.new_zeros(per_rank, cols)  # gloo's gather and scatter want equal sizes
+        owner = len(transfers) % world_size
+        counts = row_counts(update.shape[0], world_size)
+        padded = local.new_zeros(max(counts), update.shape[1])  # gather and scatter want equal sizes
         padded[: local.size(0)] = local
         pieces = [torch.empty_like(padded) for _ in range(world_size)] if rank == owner else None
-        dist.gather(padded, pieces, dst=owner_global, group=mesh_group)
-        if rank == owner:
+        handle = dist.gather(padded, pieces, dst=dist.get_global_rank(mesh_group, owner), group=mesh_group,
+                             async_op=True)
+        transfers.append((index, mesh_group, owner, rank == owner, counts, padded, pieces, handle))
+    for *_, handle in transfers:
+        handle.wait()
+    scatters = []
+    for index, mesh_group, owner, owned, counts, padded, pieces, _ in transfers:
+        if owned:
             whole = torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
-            result = _zeropower_via_newtonschulz(whole, *ns).to(local.dtype)
-            pieces = list(result.split(counts))
-            pieces = [torch.cat([p, p.new_zeros(per_rank - p.size(0), cols)]) for p in pieces]
-        dist.scatter(padded, pieces, src=owner_global, group=mesh_group)
-        return padded[: local.size(0)]
+            result = newton_schulz(whole, items[index][1]).to(padded.dtype)
+            pieces = [torch.cat([rows, rows.new_zeros(padded.size(0) - rows.size(0), padded.size(1))])
+                      for rows in result.split(counts)]
+        scatters.append(dist.scatter(padded, pieces if owned else None, src=dist.get_global_rank(mesh_group, owner),
+                                     group=mesh_group, async_op=True))
+        results[index] = padded[: counts[dist.get_rank(mesh_group)]]
+    for handle in scatters:
+        handle.wait()
+    return results
 
 
 def optimizer_state_elements(optimizer):
