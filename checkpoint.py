@@ -309,10 +309,13 @@ class Checkpointer:
         path = os.path.join(self.config.out_dir, f"best_{step:06d}{self.suffix}")
         if self.last_saved is not None and self.last_saved[0] == step:
             if self.info.is_master and os.path.exists(self.last_saved[1]) and not os.path.exists(path):
-                try:
-                    (link_copy if self.sharded else os.link)(self.last_saved[1], path)
-                except OSError:
-                    atomic_save(load_checkpoint(self.last_saved[1]), path)  # no hard links on this filesystem
+                if self.sharded:
+                    link_copy(self.last_saved[1], path)  # a folder of hard links to the same shard files
+                else:
+                    try:
+                        os.link(self.last_saved[1], path)
+                    except OSError:
+                        atomic_save(load_checkpoint(self.last_saved[1]), path)  # no hard links on this filesystem
                 self.prune()
             return
         checkpoint = self._state(step, nonfinite_steps)

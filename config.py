@@ -55,7 +55,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # ddp (each process holds the whole model) | fsdp (weights, gradients, optimizer state sharded)
+    parallel: str = "ddp"  # ddp (every process holds the whole model) | fsdp (weights, grads, optimizer state sharded)
     seed: int = 1337  # seed for model init, data order and sampling
     out_dir: str = "out"  # folder for config.json, metrics.jsonl and checkpoints
     log_interval: int = 1  # steps between log lines

@@ -92,7 +92,7 @@ def configure_muon(model, n_embd, matrix_lr, embedding_lr, unembedding_lr, scala
     adam_groups = [g for g in adam_groups if g["params"]]
     matrices = [p for _, p in groups["matrix"]]
     muon = muon_class(matrices, lr=matrix_lr, weight_decay=0.0, momentum=momentum, nesterov=True,
-                            adjust_lr_fn="original")
+                      adjust_lr_fn="original")
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     for optimizer in (muon, adamw):
         for group in optimizer.param_groups:

@@ -25,9 +25,10 @@ PARALLEL_MODES = ("ddp", "fsdp")
 def ensure_process_group(info):
     """FSDP needs a process group even for one process without torchrun: a private one-rank group then."""
     if not dist.is_initialized():
-        backend = "nccl" if info.device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=torch.device(info.device) if backend == "nccl" else None)
+        cuda = info.device_type == "cuda"
+        device = torch.device(info.device if ":" in info.device or not cuda else f"cuda:{torch.cuda.current_device()}")
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if cuda else None)
 
 
 def shard_model(model, info):

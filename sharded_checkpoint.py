@@ -47,8 +47,9 @@ def fsync_directory(path):
 
 def weights_finite(model):
     """Whether every weight is finite, over all ranks' shards."""
+    device = next(model.parameters()).device  # NCCL reduces device tensors only
     finite = torch.tensor([all(bool(torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all())
-                               for t in model.state_dict().values())], dtype=torch.int32)
+                               for t in model.state_dict().values())], dtype=torch.int32, device=device)
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())

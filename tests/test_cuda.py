@@ -1,7 +1,7 @@
 """GPU-only checks: they skip themselves without CUDA. Run them on a GPU machine with `make test`.
 
-bf16 autocast training, fused AdamW on the GPU, resume on the GPU (within the usual non-determinism), and a
-one-GPU torchrun run on NCCL.
+bf16 autocast training, fused AdamW on the GPU, resume on the GPU (within the usual non-determinism), a
+one-GPU torchrun run on NCCL, and --parallel=fsdp on one GPU (bf16 gathered weights) against ddp.
 """
 
 import math

@@ -47,8 +47,8 @@ def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config():
     result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", "--dry_run"], env={"WORLD_SIZE": "8"})
     assert result.returncode == 0, result.stderr
     assert "parameters: 1,557,686,400" in result.stdout  # GPT-2 XL with the vocab padded to 50304
-    lines = {parallel: next(line for line in result.stdout.splitlines() if f"GPU memory per process ({parallel}" in line)
-             for parallel in ("ddp", "fsdp")}
+    lines = {parallel: next(line for line in result.stdout.splitlines()
+                            if f"GPU memory per process ({parallel}" in line) for parallel in ("ddp", "fsdp")}
     assert "fsdp, this run, 8 processes" in lines["fsdp"]
     for part in ("weights", "gradients", "optimizer state"):
         ddp, fsdp = (float(re.search(rf"{part} ([\d.]+) GiB", lines[p]).group(1)) for p in ("ddp", "fsdp"))
