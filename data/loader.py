@@ -114,6 +114,8 @@ class DataLoader:
         self.position = 0  # index of the next window in the endless stream of epochs
         self._order_cache = {}
         self._perm_cache = {}
+        self._prefetched = None  # (position, batch): the next batch, read ahead
+        self._copy_stream = None  # CUDA only: host-to-device copies off the compute stream
 
     def _epoch_order(self, epoch):
         """Shard order and cumulative window counts for one epoch."""
@@ -146,21 +148,41 @@ class DataLoader:
             self._perm_cache[key] = rng.permutation(self.windows_per_shard[shard]).astype(np.int32)
         return self._perm_cache[key]
 
-    def next_batch(self):
-        """(x, y) of shape (batch_size, block_size), int64, on the device; this rank's part of the batch."""
-        first = self.position + self.rank * self.batch_size
+    def _read(self, position):
+        """This rank's (x, y) at `position` of the stream, int64 on the CPU (pinned when bound for a GPU)."""
+        first = position + self.rank * self.batch_size
         rows = []
         for index in range(first, first + self.batch_size):
             shard, start = self._window_start(index)
             rows.append(self.tokens[shard][start:start + self.block_size + 1])
-        self.position += self.batch_size * self.world_size
         buf = np.stack(rows)  # (B, T + 1) uint16: the only copy out of the memory map
         # int64 conversion in numpy, one thread: torch's parallel copy stalls when the cores are busy training
         x = torch.from_numpy(buf[:, :-1].astype(np.int64))
         y = torch.from_numpy(buf[:, 1:].astype(np.int64))
-        if self.device.type == "cuda":
+        if self.device.type != "cuda":
+            return x.to(self.device), y.to(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._copy_stream):  # the copy runs beside the step's kernels, not between them
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+
+    def next_batch(self):
+        """(x, y) of shape (batch_size, block_size), int64, on the device; this rank's part of the batch.
+
+        The batch after it is read and, on a GPU, copied on a side stream at once, so the copy overlaps the
+        step that uses this one. The prefetch is keyed by position: setting `position` (eval, resume)
+        discards it, and state_dict() is the position of the next batch handed out, not the one read ahead."""
+        if self._prefetched is None or self._prefetched[0] != self.position:
+            self._prefetched = (self.position, self._read(self.position))
+        x, y = self._prefetched[1]
+        if self._copy_stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._copy_stream)
+            x.record_stream(current)  # the caching allocator must not reuse them while the step still reads them
+            y.record_stream(current)
+        self.position += self.batch_size * self.world_size
+        self._prefetched = (self.position, self._read(self.position))
+        return x, y
 
     def state_dict(self):
         return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle, "shards": self.names,

@@ -14,6 +14,7 @@ import torch
 
 import train
 from configure_optimizers import configure_adamw
+from data.loader import DataLoader
 from model import GPT, GPTConfig
 from tests.conftest import read_metrics, run_python, tiny_args
 from tests.test_resume import DELAY, finish, start, wait_for
@@ -34,6 +35,15 @@ def test_bf16_training_on_the_gpu_learns_and_reports_mfu(token_dir, tmp_path):
     name = torch.cuda.get_device_name()
     if any(gpu in name for gpu in ("A100", "H100", "H200")):  # a GPU in the peak table: MFU is a number
         assert all(m["mfu"] is not None and m["mfu"] > 0 for m in read_metrics(out) if "loss" in m)
+
+
+def test_gpu_loader_hands_out_the_cpu_loader_batches(token_dir):
+    cpu, gpu = (DataLoader(token_dir, "train", 4, 32, device=device) for device in ("cpu", "cuda"))
+    for _ in range(5):
+        expected, got = cpu.next_batch(), gpu.next_batch()  # copied on a side stream, read after the wait
+        assert got[0].is_cuda and torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+    cpu.position = gpu.position = 0
+    assert torch.equal(gpu.next_batch()[0].cpu(), cpu.next_batch()[0])
 
 
 def test_adamw_is_fused_on_the_gpu():

@@ -94,6 +94,14 @@ def test_state_dict_continues_at_exactly_the_next_window(numbered_dir):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_setting_the_position_discards_the_batch_read_ahead(numbered_dir):
+    loader = DataLoader(numbered_dir, "train", 4, BLOCK, seed=5)
+    first = [window_ids(loader.next_batch()[0]) for _ in range(3)]
+    assert loader.state_dict()["position"] == 12  # the batch read ahead is not counted
+    loader.position = 0  # as evaluate() rewinds the val loader
+    assert [window_ids(loader.next_batch()[0]) for _ in range(3)] == first
+
+
 def test_state_of_other_data_is_refused(numbered_dir):
     from data.loader import DataError
 
