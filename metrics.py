@@ -123,14 +123,16 @@ def dry_run_report(config, gpt_config, grad_accum_steps, world_size=1):
         f"FLOPs per token: {per_token:.4g} | FLOPs per step: {per_token * tokens_per_step:.4g} | "
         f"total FLOPs: {per_token * tokens_per_step * config.max_steps:.4g}",
     ]
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     for parallel, arguments in sharding.items():
         memory = memory_estimate(config, n_params, **arguments)
         chosen = ", this run" if parallel == config.parallel else ""
-        lines += [
-            f"GPU memory per process ({parallel}{chosen}, {world_size} processes; estimate, bf16 autocast): "
-            + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
-            + f", total {gib(sum(memory.values()))}; largest batch_size whose estimate fits an 80 GB GPU: "
-            f"{largest_batch_size(config, n_params, 80e9, **arguments)}"]
+        lines.append(f"GPU memory per process ({parallel}{chosen}, {processes}; estimate, bf16 autocast): "
+                     + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
+                     + f", total {gib(sum(memory.values()))}")
+    fits = [f"{parallel} {largest_batch_size(config, n_params, 80e9, **arguments)}"
+            for parallel, arguments in sharding.items()]
+    lines.append(f"largest batch_size whose estimate fits an 80 GB GPU: {', '.join(fits)}")
     for name in ("H100", "A100"):
         seconds = per_token * tokens_per_step / (0.45 * peak_flops_for(name) * world_size)
         lines.append(f"time per step at 45% MFU on {world_size}x {name}: {seconds:.3g} s "
