@@ -166,6 +166,20 @@ def load_optimizer_state(optimizer, state, load=None):
         group.update(hyper)
 
 
+def newer_elsewhere(config):
+    """Under --resume=auto, a message when another rank's out_dir lists a newer checkpoint than rank 0's does
+    (nodes without a shared filesystem restarted with another node as rank 0): resuming from an older one, or
+    afresh, would be silent. Every rank calls it; only file names are read."""
+    newest = list_checkpoints(config.out_dir)[:1]
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, newest[0] if newest else (-1, None))
+    rank, (step, path) = max(enumerate(found), key=lambda item: item[1][0])
+    if config.resume != "auto" or step <= found[0][0]:
+        return None
+    return (f"rank {rank} finds {path}, newer than any checkpoint in rank 0's out_dir, and only rank 0 reads "
+            f"out_dir: restart with the node that holds it as rank 0, or copy it into rank 0's --out_dir.")
+
+
 class Checkpointer:
     """Saves and restores the whole training state; every rank calls save() and resume() together."""
 
@@ -182,36 +196,46 @@ class Checkpointer:
         self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
         self._rank_state = None
 
-    def _choose(self):
-        """Rank 0 picks the checkpoint to resume from (or none) and tells the other ranks; (path, rank 0's copy)."""
+    def _pick(self):
+        """Rank 0's choice: (path, checkpoint) or (None, None); raises ConfigError for a refused one."""
         config, out_dir = self.config, self.config.out_dir
-        path, checkpoint = None, None
+        if config.resume == "never":
+            existing = list_checkpoints(out_dir)
+            if existing:
+                raise ConfigError(f"--resume=never but {out_dir} already holds checkpoints ({existing[0][1]}): "
+                                  f"continue them with --resume=auto, or start over in another --out_dir.")
+            return None, None
+        if config.resume == "auto":
+            return latest_valid(out_dir, warn=self.log)
+        if not os.path.isfile(config.resume):
+            raise ConfigError(f"--resume={config.resume}: no such checkpoint file (use auto, never or a path).")
+        checkpoint, problem = try_load(config.resume)
+        if checkpoint is None:
+            raise ConfigError(f"checkpoint {config.resume} is unusable ({problem}).")
+        return config.resume, checkpoint
+
+    def _choose(self):
+        """Rank 0 picks the checkpoint (or none) and sends its contents to every rank: other nodes need no
+        copy of out_dir, which without a shared filesystem only rank 0's node has. (path, checkpoint)"""
+        path, checkpoint, problem = None, None, None
         if self.info.is_master:
-            if config.resume == "never":
-                existing = list_checkpoints(out_dir)
-                if existing:
-                    raise ConfigError(f"--resume=never but {out_dir} already holds checkpoints ({existing[0][1]}): "
-                                      f"continue them with --resume=auto, or start over in another --out_dir.")
-            elif config.resume == "auto":
-                path, checkpoint = latest_valid(out_dir, warn=self.log)
-            else:
-                if not os.path.isfile(config.resume):
-                    raise ConfigError(f"--resume={config.resume}: no such checkpoint file (use auto, never or a path).")
-                path = config.resume
+            try:
+                path, checkpoint = self._pick()
+            except ConfigError as e:
+                problem = str(e)  # every rank raises it below: none is left waiting for the broadcast
         if self.info.ddp:
-            box = [path]
+            problem = newer_elsewhere(self.config) or problem  # collective: every rank calls it
+            box = [path, None if problem else checkpoint, problem]
             dist.broadcast_object_list(box, src=0)
-            path = box[0]
+            path, checkpoint, problem = box
+        if problem is not None:
+            raise ConfigError(problem)
         return path, checkpoint
 
     def resume(self):
         """Restore weights, optimizers, loader and counters from the chosen checkpoint; return the start step."""
         path, checkpoint = self._choose()
         if path is not None:
-            if checkpoint is None:
-                checkpoint, problem = try_load(path)
-            if checkpoint is None:
-                raise ConfigError(f"checkpoint {path} is unusable ({problem}).")
             for change in compare_configs(checkpoint["config"], self.config):
                 self.log(f"resume: config changed since the checkpoint, {change}")
             if checkpoint["model"] == SHARDED:

@@ -68,6 +68,7 @@ class TrainConfig:
     dry_run: bool = False  # print the resolved config and what follows from it, then exit without training
     # checkpoints
     checkpoint_interval: int = 500  # steps between checkpoints; one is also written at the end and on SIGTERM/SIGINT
+    stop_check_interval: int = 10  # steps between the ranks' checks for SIGTERM/SIGINT under torchrun (a collective)
     keep_last: int = 2  # ckpt_STEP.pt files kept in out_dir (0 keeps all), besides the best-val one
     keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
     resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint
@@ -179,7 +180,7 @@ def load_config(argv):
 def check_config(config):
     positive = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
                 "max_steps", "eval_interval", "log_interval"]
-    positive += ["checkpoint_interval", "max_nonfinite_steps"]
+    positive += ["checkpoint_interval", "max_nonfinite_steps", "stop_check_interval"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")

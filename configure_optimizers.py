@@ -74,7 +74,7 @@ def muon_param_groups(model):
 
 
 def configure_muon(model, n_embd, matrix_lr, embedding_lr, unembedding_lr, scalar_lr, momentum=0.95,
-                   log=print, muon_class=torch.optim.Muon):
+                   device_type="cpu", log=print, muon_class=torch.optim.Muon):
     """nanochat's hybrid: Muon for the blocks' matrices, AdamW (0.8, 0.95), eps 1e-10 for everything else.
 
     AdamW's lrs are scaled by (n_embd / 768) ** -0.5 as nanochat does, so they transfer across widths.
@@ -93,7 +93,8 @@ def configure_muon(model, n_embd, matrix_lr, embedding_lr, unembedding_lr, scala
     matrices = [p for _, p in groups["matrix"]]
     muon = muon_class(matrices, lr=matrix_lr, weight_decay=0.0, momentum=momentum, nesterov=True,
                       adjust_lr_fn="original")
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
+                              fused=device_type in FUSED_DEVICE_TYPES)
     for optimizer in (muon, adamw):
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]

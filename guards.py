@@ -20,10 +20,12 @@ class NonFiniteError(Exception):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT only set a flag; each step the ranks agree (max over ranks), so all stop at the same step."""
+    """SIGTERM/SIGINT only set a flag; every `every` steps the ranks agree on it (max over ranks), so all stop
+    at the same step without a collective each step. One process reads its flag every step."""
 
-    def __init__(self, info):
+    def __init__(self, info, every=1):
         self.info = info
+        self.every = every
         self.received = None
         self.previous = {}
         self.delay = float(os.environ.get("GPT2_DEBUG_STEP_DELAY") or 0)
@@ -43,12 +45,14 @@ class StopSignal:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once (under torchrun a rank may see one signal twice)
         self.received = self.received or signal.Signals(signum).name
 
-    def requested(self):
+    def requested(self, step):
         """True on every rank when any rank got a signal; called once per step, at its start."""
         if self.delay:
             time.sleep(self.delay)
         if not self.info.ddp:
             return self.received is not None
+        if step % self.every:
+            return False  # every rank skips the same steps: they still stop together
         device = "cpu" if self.group is not None else self.info.device
         flag = torch.tensor([float(self.received is not None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)

@@ -16,6 +16,7 @@ from model import GPT, flops_per_token
 # matched in order against torch.cuda.get_device_name(), so the more specific names come first.
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),  # 94 GB, PCIe form factor: lower clocks than the SXM part
     ("H100", 989e12),
     ("H200", 989e12),
     ("A100", 312e12),

@@ -4,10 +4,11 @@ what is trained.
     zero grads -> grad_accum_steps x (batch, forward, backward) -> mean loss over ranks -> clip
     -> schedule -> the non-finite check -> optimizer step(s)
 
-No host sync on the way on a GPU: the loss and the gradient norm stay tensors on the device. Where every
-optimizer is torch's fused AdamW, a NaN/inf step skips its update inside the fused kernel (its found_inf
-input, as the AMP grad scaler uses it), and the guard reads the flags when the loop next logs. Otherwise
-(Muon) the guard reads the flag before the update: one sync per step.
+No host sync on the way on a GPU: the loss and the gradient norm stay tensors on the device. A NaN/inf
+step skips its update on the device, and the guard reads the flags when the loop next logs: torch's
+fused AdamW skips inside its kernel (its found_inf input, as the AMP grad scaler uses it); any other
+optimizer (Muon) steps, then puts back its parameters and states from copies taken before (torch.where on
+the finite flag).
 """
 
 from contextlib import nullcontext
@@ -26,24 +27,37 @@ def autocast_context(device_type):
     return nullcontext()
 
 
-def skips_on_device(optimizers):
-    """True when every optimizer can skip a non-finite update itself (fused AdamW's found_inf)."""
-    return all(type(o) is torch.optim.AdamW and o.defaults.get("fused") for o in optimizers)
+def skips_on_device(optimizer):
+    """True when the optimizer can skip a non-finite update itself (fused AdamW's found_inf)."""
+    return type(optimizer) is torch.optim.AdamW and optimizer.defaults.get("fused")
 
 
-def apply_update(optimizers, finite, guard, logger):
-    """Step the optimizers unless this step's loss or gradient norm is NaN/inf."""
-    if skips_on_device(optimizers):
-        found_inf = (~finite).float()  # 1.0: the fused kernel leaves weights, moments and step count alone
-        for optimizer in optimizers:
-            optimizer.found_inf = found_inf
+@torch.no_grad()
+def step_unless_nonfinite(optimizer, finite):
+    """Step, then undo it where `finite` is False: parameters and existing states come back from copies, states
+    the step created go back to zeros (their initial value in AdamW and Muon). No host sync."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    saved = [(p, p.clone(), {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)})
+             for p in params]
+    optimizer.step()
+    for p, before, states in saved:
+        p.copy_(torch.where(finite, p, before))
+        for key, value in optimizer.state[p].items():
+            if torch.is_tensor(value):
+                value.copy_(torch.where(finite, value, states.get(key, torch.zeros_like(value))))
+
+
+def apply_update(optimizers, finite):
+    """Step the optimizers unless this step's loss or gradient norm is NaN/inf, without a host sync."""
+    for optimizer in optimizers:
+        if skips_on_device(optimizer):
+            optimizer.found_inf = (~finite).float()  # 1.0: the kernel leaves weights, moments and step count alone
             try:
                 optimizer.step()
             finally:
                 del optimizer.found_inf
-    elif guard.check(logger):
-        for optimizer in optimizers:
-            optimizer.step()
+        else:
+            step_unless_nonfinite(optimizer, finite)
 
 
 def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step, config, info, guard, logger):
@@ -70,5 +84,5 @@ def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step,
     set_lr(optimizers, lr / config.learning_rate)
     set_muon_momentum(optimizers, muon_momentum(step, final=config.muon_momentum))
     finite = guard.record(step, loss_accum, grad_norm)  # same on every rank: both are already reduced
-    apply_update(optimizers, finite, guard, logger)
+    apply_update(optimizers, finite)
     return loss_accum, grad_norm, lr

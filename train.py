@@ -19,7 +19,7 @@ from configure_optimizers import configure_adamw, configure_muon
 from data.loader import DataError, DataLoader
 from data.tokenizer import decode, encode
 from distributed import all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
-from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples
+from evaluate import HellaSwagError, evaluate_hellaswag, load_hellaswag
 from guards import NonFiniteError, NonFiniteGuard, StopSignal
 from hf_interop import import_hf, mismatched_keys
 from logger import Logger
@@ -51,7 +51,7 @@ def make_optimizers(config, model, device_type, log):
     """A list of optimizers; each param group carries 'initial_lr', which the schedule scales."""
     if config.optimizer == "muon":
         return configure_muon(model, config.n_embd, config.matrix_lr, config.embedding_lr, config.unembedding_lr,
-                              config.learning_rate, config.muon_momentum, log=log,
+                              config.learning_rate, config.muon_momentum, device_type=device_type, log=log,
                               muon_class=ShardedMuon if config.parallel == "fsdp" else torch.optim.Muon)
     adamw = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                             device_type=device_type, log=log)
@@ -72,14 +72,11 @@ def load_gpt2_folder(model, config):
 
 
 def hellaswag_examples(config, info):
-    """The HellaSwag val examples (rank 0 downloads them once; the others wait), or None when turned off."""
+    """The HellaSwag val examples (rank 0 reads or downloads them and broadcasts), or None when turned off."""
     if not config.hellaswag:
         return None
     try:
-        if info.is_master:
-            fetch_hellaswag(config.hellaswag_path)
-        barrier(info)
-        return load_examples(fetch_hellaswag(config.hellaswag_path))
+        return load_hellaswag(config.hellaswag_path)
     except HellaSwagError as e:
         raise DataError(str(e)) from None
 
@@ -108,10 +105,12 @@ def evaluate(model, val_loader, config, info):
 
 
 def generate_sample(model, config, device, step):
+    model.eval()  # no dropout while sampling
     prompt = torch.tensor([encode(config.sample_prompt or "\n")], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed + step)
     with autocast_context(torch.device(device).type):
         out = model.generate(prompt, config.sample_tokens, temperature=1.0, top_k=50, generator=generator)
+    model.train()
     return decode(out[0].tolist())
 
 
@@ -158,13 +157,13 @@ def train(config, info):
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
-    stop = StopSignal(info)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
     window_start = None
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
-        stopping = stop.requested()
+        stopping = stop.requested(step)
         if checkpoints.due(step, force=last_step or stopping) or config.eval_iters > 0 and (
                 step % config.eval_interval == 0 or last_step):
             guard.check(logger)  # the saved count of NaN/inf steps is complete

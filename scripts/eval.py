@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import load_checkpoint, model_weights  # noqa: E402
 from data.tokenizer import encode  # noqa: E402
 from distributed import setup_distributed, teardown_distributed  # noqa: E402
-from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples  # noqa: E402
+from evaluate import HELLASWAG_URL, HellaSwagError, evaluate_hellaswag, load_hellaswag  # noqa: E402
 from hf_interop import import_hf  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import autocast_context  # noqa: E402
@@ -41,6 +41,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a checkpoint file written by train.py, or a GPT-2 folder")
     parser.add_argument("--hellaswag_path", default="data/hellaswag/hellaswag_val.jsonl")
+    parser.add_argument("--hellaswag_url", default=HELLASWAG_URL, help="where to download it from when missing")
     parser.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -49,7 +50,7 @@ def main(argv=None):
         return 2
     info = setup_distributed(args.device)
     try:
-        examples = load_examples(fetch_hellaswag(args.hellaswag_path))
+        examples = load_hellaswag(args.hellaswag_path, args.hellaswag_url)
         examples = examples[: args.limit] if args.limit else examples
         model = load_model(args.model).to(info.device)
         scores = evaluate_hellaswag(model, examples, encode, model.config.block_size, info.device, info.rank,

@@ -1,6 +1,9 @@
 """HellaSwag scoring, checked against a direct computation with transformers' GPT2LMHeadModel."""
 
+import http.server
 import json
+import os
+import threading
 import time
 
 import pytest
@@ -8,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import encode
-from evaluate import HellaSwagError, evaluate_hellaswag, fetch_hellaswag, load_examples, render
+from evaluate import HellaSwagError, ending_losses, evaluate_hellaswag, fetch_hellaswag, load_examples, render
 from hf_interop import export_hf
 from model import GPT, GPTConfig
 from tests.conftest import run_python
@@ -35,9 +38,9 @@ def write_examples(path):
     return str(path)
 
 
-def tiny_model():
+def tiny_model(block_size=64):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
 def reference_scores(hf_model, example):
@@ -69,6 +72,32 @@ def test_scores_match_transformers(tmp_path):
     assert scores["hellaswag_examples"] == 3
     assert scores["hellaswag_acc"] == pytest.approx(expected_acc / 3)
     assert scores["hellaswag_acc_norm"] == pytest.approx(expected_acc_norm / 3)
+
+
+def varied_examples(context_words=(5, 20, 45, 70, 100, 160), seed=0):
+    """Examples of many lengths: rows of under 64 tokens, of 64-128, and longer than a 128-token window."""
+    words = "the a man woman dog runs jumps into water slowly then picks up ball and throws it far away".split()
+    rng = torch.Generator().manual_seed(seed)
+
+    def text(count):
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (count,), generator=rng))
+
+    return [{"ctx": text(n), "endings": [text(int(torch.randint(1, 12, (1,), generator=rng))) for _ in range(4)],
+             "label": 0} for n in context_words]
+
+
+def test_batched_scores_equal_the_per_example_ones():
+    """Labels set to the per-example reference's choice: the batched scorer must agree on every example, for
+    the summed (acc) and the mean (acc_norm) loss alike, in batches of several lengths with filler rows."""
+    model, examples = tiny_model(128), varied_examples()
+    reference = [ending_losses(model, *render(example, encode, 128)) for example in examples]  # (summed, mean)
+    longest = [len(encode(e["ctx"])) + max(len(encode(" " + x)) for x in e["endings"]) for e in examples]
+    assert min(longest) <= 64 < sorted(longest)[len(longest) // 2] <= 128 < max(longest)  # 64, 128, truncated
+    for which, key in ((0, "hellaswag_acc"), (1, "hellaswag_acc_norm")):
+        labelled = [dict(e, label=int(losses[which].argmin())) for e, losses in zip(examples, reference)]
+        for batch_tokens in (512, 1024):  # 1-4 examples a batch, some batches with filler rows
+            scores = evaluate_hellaswag(model, labelled, encode, 128, "cpu", batch_tokens=batch_tokens)
+            assert scores[key] == 1.0 and scores["hellaswag_examples"] == len(examples), batch_tokens
 
 
 def test_render_masks_only_the_ending():
@@ -106,6 +135,51 @@ def test_eval_script_on_a_checkpoint(tmp_path):
                          f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}"])
     assert result.returncode == 0, result.stderr
     assert "acc_norm" in result.stdout and "examples 3" in result.stdout
+
+
+def serve(body):
+    """A tiny HTTP server on 127.0.0.1 that answers every GET with body; (server, the paths requested)."""
+    requested = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, requested
+
+
+def test_torchrun_downloads_hellaswag_once_and_every_rank_scores_it(tmp_path):
+    """The file absent under 2-process torchrun: one download, no temporary file left, and the scores of
+    a single process over all examples (so rank 1 scored its share of the same examples)."""
+    model = tiny_model()
+    keys = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 50304, "tie_embeddings": True}
+    torch.save({"model": model.state_dict(), "config": keys}, tmp_path / "ckpt.pt")
+    write_examples(tmp_path / "source.jsonl")
+    body = (tmp_path / "source.jsonl").read_bytes()
+    path = tmp_path / "hellaswag" / "hellaswag_val.jsonl"
+    server, requested = serve(body)
+    try:
+        result = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "scripts/eval.py",
+                             str(tmp_path / "ckpt.pt"), "--device=cpu", f"--hellaswag_path={path}",
+                             f"--hellaswag_url=http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl"],
+                            env={"OMP_NUM_THREADS": "1"})
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    assert requested == ["/hellaswag_val.jsonl"]
+    assert path.read_bytes() == body and os.listdir(path.parent) == [path.name]
+    expected = evaluate_hellaswag(model, EXAMPLES, encode, 64, "cpu")
+    assert (f"acc {expected['hellaswag_acc']:.4f} | acc_norm {expected['hellaswag_acc_norm']:.4f} | examples 3"
+            in result.stdout), result.stdout
 
 
 def test_training_logs_hellaswag_at_each_evaluation(token_dir, tmp_path):

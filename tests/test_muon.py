@@ -36,6 +36,7 @@ def test_each_parameter_in_exactly_one_optimizer(tie):
     assert len(in_muon) == 4 * 2  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
     assert id(model.transformer.wte.weight) in {id(p) for p in in_adamw}
     assert adamw.defaults["betas"] == (0.8, 0.95) and adamw.defaults["eps"] == 1e-10
+    assert adamw.defaults["fused"] is True  # one kernel for the AdamW half, as for plain AdamW
     groups = muon_param_groups(model)
     head = groups["unembedding"]
     assert [n for n, _ in head] == (["transformer.wte.weight"] if tie else ["lm_head.weight"])

@@ -18,9 +18,9 @@ ARGS = ["--vocab_size=128", "--max_steps=8", "--checkpoint_interval=3", "--dropo
 DELAY = {"GPT2_DEBUG_STEP_DELAY": "0.3"}  # slow steps, so the test can signal a run mid-way
 
 
-def start(command, env=None):
+def start(command, env=None, cwd=ROOT):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
@@ -50,11 +50,11 @@ def curve(out_dir):
     return [(m["step"], m["loss"]) for m in metrics if "loss" in m], [m["val_loss"] for m in metrics if "val_loss" in m]
 
 
-def train_command(out_dir, token_dir, nproc=1):
+def train_command(out_dir, token_dir, nproc=1, extra=()):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return launcher + ["train.py", *tiny_args(token_dir, out_dir, *ARGS)]
+    return launcher + ["train.py", *tiny_args(token_dir, out_dir, *ARGS, *extra)]
 
 
 def test_killed_then_preempted_run_matches_the_uninterrupted_one(token_dir, tmp_path):
@@ -118,15 +118,15 @@ def test_torchrun_run_resumes_exactly_and_ranks_stop_together(token_dir, tmp_pat
     ranks = torch.load(os.path.join(out, "ckpt_000003.pt"), weights_only=True)["ranks"]
     assert len(ranks) == 2 and all("torch" in r["rng"] for r in ranks)
 
-    # SIGTERM to rank 1 alone: rank 0 learns it through the per-step flag, both checkpoint and exit 0
-    run = start(train_command(out, token_dir, nproc=2), env=DELAY)
+    # SIGTERM to rank 1 alone: rank 0 learns it at the next agreement (every 2 steps), both checkpoint and exit 0
+    run = start(train_command(out, token_dir, nproc=2, extra=["--stop_check_interval=2"]), env=DELAY)
     wait_for(lambda: logged_step(out, 4), run)
     os.kill(workers(run.pid)[1], signal.SIGTERM)
     code, output = finish(run)
     assert code == 0, output
     assert "stopped by a signal on another rank at step " in output
     stopped_at = int(output.split("stopped by a signal on another rank at step ")[1].split(";")[0])
-    assert os.path.exists(os.path.join(out, f"ckpt_{stopped_at:06d}.pt"))
+    assert os.path.exists(os.path.join(out, f"ckpt_{stopped_at:06d}.pt")) and stopped_at % 2 == 0
     # steps 0-2 of the first attempt and 3 on of the resumed one: the reference's, exactly
     # (resuming after SIGTERM is checked to the end in the single-process test: one torchrun start less)
     losses, val_losses = curve(out)

@@ -110,3 +110,17 @@ def test_bench_and_train_run_the_same_step_function():
     from scripts import bench
 
     assert train.train_step is step.train_step and bench.train_step is step.train_step
+
+
+def test_samples_are_drawn_without_dropout():
+    """With dropout=0.5 the sample is the one of the same weights with dropout off; the model trains on after."""
+    from model import GPT
+
+    shape = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--sample_tokens=8"]
+    config = train.load_config(shape + ["--dropout=0.5"])
+    torch.manual_seed(0)
+    model = GPT(train.model_config(config)).train()
+    reference = GPT(train.model_config(train.load_config(shape))).eval()
+    reference.load_state_dict(model.state_dict())
+    assert train.generate_sample(model, config, "cpu", 3) == train.generate_sample(reference, config, "cpu", 3)
+    assert model.training

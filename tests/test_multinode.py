@@ -1,0 +1,71 @@
+"""Two "nodes" on one machine with nothing shared on disk: each its own working folder, copy of the data and
+out_dir. Killed after a checkpoint and restarted, the job resumes from rank 0's checkpoint (sent to the
+other node by torch.distributed, not read from its disk) and matches an uninterrupted run exactly.
+"""
+
+import os
+import signal
+import socket
+import sys
+
+import torch
+
+from tests.conftest import ROOT, make_token_shards, tiny_args
+from tests.test_resume import ARGS, DELAY, curve, finish, start, wait_for, workers
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_command(node_rank, port):
+    """torchrun for one of two nodes; --local_addr orders the nodes (c10d gives rank 0 to the lower address),
+    is_host says which one serves the rendezvous store."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=two_nodes", f"--local_addr=127.0.0.{node_rank + 1}", f"--rdzv_conf=is_host={node_rank == 0}",
+            os.path.join(ROOT, "train.py"), *tiny_args("data", "out", *ARGS)]
+
+
+def start_nodes(nodes, env=None):
+    """nodes[0] runs rank 0."""
+    port = free_port()
+    return [start(node_command(rank, port), env=dict(env or {}), cwd=node) for rank, node in enumerate(nodes)]
+
+
+def test_two_nodes_without_a_shared_filesystem_resume_exactly(tmp_path):
+    reference = str(tmp_path / "reference")
+    make_token_shards(str(tmp_path / "tokens"))
+    code, output = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "train.py", *tiny_args(str(tmp_path / "tokens"), reference, *ARGS)]))
+    assert code == 0, output
+
+    nodes = [str(tmp_path / f"node{rank}") for rank in (0, 1)]
+    for node in nodes:
+        make_token_shards(os.path.join(node, "data"))  # each node its own copy, as on separate machines
+    runs = start_nodes(nodes, env=DELAY)
+    wait_for(lambda: os.path.exists(os.path.join(nodes[0], "out", "ckpt_000003.pt")), runs[0])
+    for run in runs:  # node failure: SIGKILL to both workers and both torchruns
+        for pid in [*workers(run.pid).values(), run.pid]:
+            os.kill(pid, signal.SIGKILL)
+    for run in runs:
+        assert finish(run)[0] == -signal.SIGKILL
+    node1_out = os.path.join(nodes[1], "out")
+    assert not os.path.isdir(node1_out) or not any(name.endswith(".pt") for name in os.listdir(node1_out))
+
+    outputs = [finish(run) for run in start_nodes(nodes)]
+    assert all(code == 0 for code, _ in outputs), outputs
+    assert "ckpt_000003.pt at step 3" in outputs[0][1]
+    assert curve(os.path.join(nodes[0], "out")) == curve(reference)
+    final, expected = (torch.load(os.path.join(d, "ckpt_000008.pt"), weights_only=True)
+                       for d in (os.path.join(nodes[0], "out"), reference))
+    for name, tensor in expected["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+
+    # restarted with the other node as rank 0: its out_dir has no checkpoint, so resuming afresh would be
+    # silent; the run refuses and says where the newest checkpoint is
+    outputs = [finish(run) for run in start_nodes(nodes[::-1])]
+    assert all(code != 0 for code, _ in outputs), outputs
+    assert "rank 1 finds out/ckpt_000008.pt, newer than any checkpoint in rank 0's out_dir" in outputs[0][1]
