@@ -4,6 +4,8 @@ A checkpoint is one torch file of plain data, so `torch.load(weights_only=True)`
 (names without torch.compile's or DDP's prefixes), optimizer states, step, the resolved config, each
 rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss and the W&B run id.
 Files in out_dir: ckpt_STEP.pt (the last keep_last of them) and best_STEP.pt (lowest val loss so far).
+A sharded run (--parallel=fsdp) writes folders ckpt_STEP.dcp/ and best_STEP.dcp/ instead, each rank its own
+shards (sharded_checkpoint.py); load_checkpoint reads their plain data, model_weights the whole model.
 A checkpoint at step s holds the state before step s's evaluation and update (best_val_loss included),
 so a resumed run starts its loop at s and repeats exactly what the uninterrupted run did from there.
 """
@@ -13,6 +15,7 @@ import math
 import os
 import random
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -22,8 +25,10 @@ import torch.distributed as dist
 from checks import WriteRecorder, failed_save_message
 from config import ConfigError, config_to_dict
 from data.shards import atomic_write
+from sharded_checkpoint import (SHARDED, is_sharded_checkpoint, link_copy, load_full_weights, load_sharded,
+                                read_meta, save_sharded, weights_finite)
 
-CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.pt$")
+CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
 REQUIRED_KEYS = ("model", "optimizers", "step", "config", "ranks")
 
@@ -58,7 +63,14 @@ def atomic_save(obj, path):
 
 
 def load_checkpoint(path, device="cpu"):
+    if is_sharded_checkpoint(path):
+        return read_meta(path)  # the weights stay in the shard files: model_weights() gathers them
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_weights(path, checkpoint):
+    """The whole model's state dict of a checkpoint that load_checkpoint(path) returned, sharded or not."""
+    return load_full_weights(path) if checkpoint["model"] == SHARDED else checkpoint["model"]
 
 
 def list_checkpoints(out_dir):
@@ -75,8 +87,8 @@ def list_checkpoints(out_dir):
 
 def try_load(path, required=REQUIRED_KEYS):
     """(checkpoint, None) when `path` loads and has every required part, else (None, the reason)."""
-    if not zipfile.is_zipfile(path):
-        return None, "not a checkpoint: train.py writes ckpt_STEP.pt / best_STEP.pt files, which are zip archives"
+    if not is_sharded_checkpoint(path) and not zipfile.is_zipfile(path):
+        return None, "not a checkpoint: train.py writes ckpt_STEP.pt / best_STEP.pt zip files (or .dcp folders)"
     try:
         checkpoint = load_checkpoint(path)
     except Exception as e:  # truncated zip, bad pickle, unreadable file: all mean "not usable"
@@ -149,12 +161,12 @@ def trim_metrics(out_dir, step):
     atomic_write(path, lambda f: f.write("".join(kept).encode()))  # a kill mid-trim loses no record
 
 
-def load_optimizer_state(optimizer, state):
+def load_optimizer_state(optimizer, state, load=None):
     """Restore moments and step counts, but keep this run's hyperparameters: torch's load_state_dict would
     bring back the checkpoint's lr, weight decay and betas, silently undoing a --learning_rate=... override
     that the resume reports as a change."""
     configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    (load or optimizer.load_state_dict)(state)
     for group, hyper in zip(optimizer.param_groups, configured, strict=True):
         group.update(hyper)
 
@@ -180,6 +192,8 @@ class Checkpointer:
         self.config, self.info = config, info
         self.model, self.optimizers, self.loader = model, optimizers, loader
         self.log = print if info.is_master else (lambda *args, **kwargs: None)
+        self.sharded = config.parallel == "fsdp"  # each rank writes its shards with DCP, into a folder
+        self.suffix = ".dcp" if self.sharded else ".pt"
         self.best_val_loss = math.inf
         self.wandb_run_id = None
         self.nonfinite_steps = 0
@@ -229,9 +243,14 @@ class Checkpointer:
         if path is not None:
             for change in compare_configs(checkpoint["config"], self.config):
                 self.log(f"resume: config changed since the checkpoint, {change}")
-            self.model.load_state_dict(checkpoint["model"])
-            for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
-                load_optimizer_state(optimizer, state)
+            if checkpoint["model"] == SHARDED:
+                load_sharded(path, self.model, self.optimizers, load_optimizer_state)
+            elif self.sharded:
+                raise ConfigError(f"checkpoint {path} is from a --parallel=ddp run: resume it with --parallel=ddp.")
+            else:
+                self.model.load_state_dict(checkpoint["model"])
+                for optimizer, state in zip(self.optimizers, checkpoint["optimizers"], strict=True):
+                    load_optimizer_state(optimizer, state)
             ranks = checkpoint["ranks"]
             if len(ranks) != self.info.world_size:
                 self.log(f"resume: world size {len(ranks)} -> {self.info.world_size}: the data order is kept, "
@@ -266,8 +285,8 @@ class Checkpointer:
         if not self.info.is_master:
             return None
         return {
-            "model": clean_state_dict(self.model),
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "model": SHARDED if self.sharded else clean_state_dict(self.model),
+            "optimizers": SHARDED if self.sharded else [optimizer.state_dict() for optimizer in self.optimizers],
             "step": step,
             "config": config_to_dict(self.config),
             "ranks": ranks,
@@ -278,20 +297,29 @@ class Checkpointer:
         }
 
     def _write(self, checkpoint, path, final=False):
-        """Rank 0 writes, unless a weight is NaN/inf: a non-finite model is never saved. A failed write (a full
-        disk) keeps the older files; the run goes on, unless this is its final save."""
-        if not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
+        """Rank 0 writes (every rank its shards when sharded), unless a weight is NaN/inf: a non-finite model
+        is never saved. A failed write of a whole file (a full disk) keeps the older files; the run goes on,
+        unless this is its final save."""
+        if self.sharded:
+            if not weights_finite(self.model):
+                self.log(f"warning: weights are non-finite: not saving {path}")
+                return False
+            save_sharded(checkpoint, path, self.model, self.optimizers)
+        elif checkpoint is None:
+            return False
+        elif not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
             self.log(f"warning: weights are non-finite at step {checkpoint['step']}: not saving {path}")
             return False
-        try:
-            atomic_save(checkpoint, path)
-        except OSError as e:
-            kept = (list_checkpoints(self.config.out_dir) or [(None, "none")])[0][1]
-            problem = failed_save_message(path, checkpoint, e, kept)
-            if final:
-                raise ConfigError(f"{problem}. Free some space, then continue with --resume=auto.") from None
-            self.log(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")
-            return False
+        else:
+            try:
+                atomic_save(checkpoint, path)
+            except OSError as e:
+                kept = (list_checkpoints(self.config.out_dir) or [(None, "none")])[0][1]
+                problem = failed_save_message(path, checkpoint, e, kept)
+                if final:
+                    raise ConfigError(f"{problem}. Free some space, then continue with --resume=auto.") from None
+                self.log(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")
+                return False
         self.log(f"saved checkpoint {path}")
         return True
 
@@ -304,8 +332,8 @@ class Checkpointer:
         if not self.due(step, force):
             return
         checkpoint = self._state(step, nonfinite_steps)
-        path = os.path.join(self.config.out_dir, f"ckpt_{step:06d}.pt")
-        if checkpoint is not None and self._write(checkpoint, path, final=force):
+        path = os.path.join(self.config.out_dir, f"ckpt_{step:06d}{self.suffix}")
+        if self._write(checkpoint, path, final=force) and self.info.is_master:
             self.prune()
         self.last_saved = (step, path)
 
@@ -316,17 +344,20 @@ class Checkpointer:
         self.best_val_loss = val_loss
         if not self.config.keep_best:
             return
-        path = os.path.join(self.config.out_dir, f"best_{step:06d}.pt")
+        path = os.path.join(self.config.out_dir, f"best_{step:06d}{self.suffix}")
         if self.last_saved is not None and self.last_saved[0] == step:
-            if self.info.is_master and os.path.isfile(self.last_saved[1]) and not os.path.exists(path):
-                try:
-                    os.link(self.last_saved[1], path)
-                except OSError:
-                    atomic_save(load_checkpoint(self.last_saved[1]), path)  # no hard links on this filesystem
+            if self.info.is_master and os.path.exists(self.last_saved[1]) and not os.path.exists(path):
+                if self.sharded:
+                    link_copy(self.last_saved[1], path)  # a folder of hard links to the same shard files
+                else:
+                    try:
+                        os.link(self.last_saved[1], path)
+                    except OSError:
+                        atomic_save(load_checkpoint(self.last_saved[1]), path)  # no hard links on this filesystem
                 self.prune()
             return
         checkpoint = self._state(step, nonfinite_steps)
-        if checkpoint is not None and self._write(checkpoint, path):
+        if self._write(checkpoint, path) and self.info.is_master:
             self.prune()
 
     def prune(self):
@@ -337,9 +368,11 @@ class Checkpointer:
         ckpts = [n for _, kind, n in steps if kind == "ckpt"]
         bests = [n for _, kind, n in steps if kind == "best"]
         doomed = bests[:-1] + (ckpts[:-self.config.keep_last] if self.config.keep_last > 0 else [])
-        doomed += [n for n in os.listdir(out_dir) if ".pt.tmp." in n]
+        doomed += [n for n in os.listdir(out_dir) if ".pt.tmp." in n or n.endswith(".dcp.tmp")]
         for name in doomed:
             try:
                 os.remove(os.path.join(out_dir, name))
+            except IsADirectoryError:
+                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)  # a sharded checkpoint
             except FileNotFoundError:
                 pass

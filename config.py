@@ -57,6 +57,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # ddp (every process holds the whole model) | fsdp (weights, grads, optimizer state sharded)
     seed: int = 1337  # seed for model init, data order and sampling
     out_dir: str = "out"  # folder for config.json, metrics.jsonl and checkpoints
     log_interval: int = 1  # steps between log lines
@@ -87,6 +88,7 @@ class TrainConfig:
 
 CHOICES = {
     "optimizer": ("adamw", "muon"),
+    "parallel": ("ddp", "fsdp"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 
@@ -241,6 +243,10 @@ def check_config(config):
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
+    if config.hellaswag and config.parallel == "fsdp":
+        # the ranks score different numbers of examples, and each forward of a sharded model is collective
+        raise ConfigError("--hellaswag is not available with --parallel=fsdp during training: drop it, and score a "
+                          "checkpoint with scripts/eval.py instead.")
 
 
 def config_to_dict(config):

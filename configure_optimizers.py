@@ -74,12 +74,13 @@ def muon_param_groups(model):
 
 
 def configure_muon(model, n_embd, matrix_lr, embedding_lr, unembedding_lr, scalar_lr, momentum=0.95,
-                   device_type="cpu", log=print):
+                   device_type="cpu", log=print, muon_class=torch.optim.Muon):
     """nanochat's hybrid: Muon for the blocks' matrices, AdamW (0.8, 0.95), eps 1e-10 for everything else.
 
     AdamW's lrs are scaled by (n_embd / 768) ** -0.5 as nanochat does, so they transfer across widths.
     Muon's own shape adjustment ("original", Keller Jordan's): a (rows, cols) matrix's step is scaled by
     sqrt(max(1, rows / cols)), so tall matrices (c_fc: 4C x C) get a 2x larger step.
+    muon_class: torch.optim.Muon, or a subclass that takes the same arguments (parallel.ShardedMuon).
     """
     groups = muon_param_groups(model)
     scale = (n_embd / 768) ** -0.5
@@ -90,8 +91,8 @@ def configure_muon(model, n_embd, matrix_lr, embedding_lr, unembedding_lr, scala
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     matrices = [p for _, p in groups["matrix"]]
-    muon = torch.optim.Muon(matrices, lr=matrix_lr, weight_decay=0.0, momentum=momentum, nesterov=True,
-                            adjust_lr_fn="original")
+    muon = muon_class(matrices, lr=matrix_lr, weight_decay=0.0, momentum=momentum, nesterov=True,
+                      adjust_lr_fn="original")
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0,
                               fused=device_type in FUSED_DEVICE_TYPES)
     for optimizer in (muon, adamw):

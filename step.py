@@ -17,6 +17,7 @@ import torch
 
 from configure_optimizers import get_lr, muon_momentum, set_lr, set_muon_momentum
 from distributed import all_reduce_mean
+from parallel import clip_grad_norm, set_gradient_sync
 
 
 def autocast_context(device_type):
@@ -68,7 +69,7 @@ def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step,
         x, y = next_batch()
         if info.ddp:
             # only sync gradients on the last micro-step; earlier ones just accumulate locally
-            model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+            set_gradient_sync(model, micro_step == grad_accum_steps - 1)
         with autocast_context(info.device_type):
             _, loss = model(x, y)
         loss = guard.inject(loss, step)  # test hook: GPT2_DEBUG_NAN_STEPS
@@ -78,7 +79,7 @@ def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step,
         loss.backward()
     all_reduce_mean(loss_accum, info)
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)  # pre-clip norm
+    grad_norm = clip_grad_norm(raw_model.parameters(), max_norm)  # pre-clip norm, over all shards
     lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
     set_lr(optimizers, lr / config.learning_rate)
     set_muon_momentum(optimizers, muon_momentum(step, final=config.muon_momentum))

@@ -12,7 +12,6 @@ import time
 
 import torch
 from safetensors import SafetensorError
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
@@ -28,6 +27,7 @@ from hf_interop import import_hf, mismatched_keys
 from logger import Logger
 from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
 from model import GPT, GPTConfig
+from parallel import ShardedMuon, wrap_model
 from step import autocast_context, train_step
 
 
@@ -53,7 +53,8 @@ def make_optimizers(config, model, device_type, log):
     """A list of optimizers; each param group carries 'initial_lr', which the schedule scales."""
     if config.optimizer == "muon":
         return configure_muon(model, config.n_embd, config.matrix_lr, config.embedding_lr, config.unembedding_lr,
-                              config.learning_rate, config.muon_momentum, device_type=device_type, log=log)
+                              config.learning_rate, config.muon_momentum, device_type=device_type, log=log,
+                              muon_class=ShardedMuon if config.parallel == "fsdp" else torch.optim.Muon)
     adamw = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                             device_type=device_type, log=log)
     return [adamw]
@@ -143,10 +144,7 @@ def train(config, info):
     if config.init_from:
         load_gpt2_folder(raw_model, config)
     raw_model.to(info.device)
-    model = torch.compile(raw_model) if config.compile else raw_model
-    eval_model = model  # compiled but not DDP-wrapped: evaluation needs no gradient sync
-    if info.ddp:
-        model = DDP(model, device_ids=[info.local_rank] if device_type == "cuda" else None)
+    model, eval_model = wrap_model(raw_model, config, info)  # ddp, or fsdp: raw_model's weights become shards
     optimizers = make_optimizers(config, raw_model, device_type, log)
     # resume: weights, optimizers, loader position and counters from a checkpoint (config.resume), or start fresh
     checkpoints = Checkpointer(config, info, raw_model, optimizers, train_loader)
@@ -185,8 +183,10 @@ def train(config, info):
             val_loss = evaluate(eval_model, val_loader, config, info)
             logger.print(f"step {step:5d} | val loss {val_loss:.4f}")
             logger.log({"step": step, "val_loss": val_loss})
-            if info.is_master and config.sample_tokens > 0:
-                logger.log_sample(step, generate_sample(raw_model, config, info.device, step))
+            if config.sample_tokens > 0 and (info.is_master or config.parallel == "fsdp"):
+                sample = generate_sample(raw_model, config, info.device, step)  # fsdp: every rank gathers weights
+                if info.is_master:
+                    logger.log_sample(step, sample)
             if hellaswag is not None:
                 scores = evaluate_hellaswag(eval_model, hellaswag, encode, config.block_size, info.device, info.rank,
                                             info.world_size, lambda: autocast_context(device_type))

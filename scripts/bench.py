@@ -32,6 +32,7 @@ from guards import NonFiniteGuard  # noqa: E402
 from logger import Logger  # noqa: E402
 from metrics import device_peak_flops, format_mfu, mfu, model_flops_per_token  # noqa: E402
 from model import GPT  # noqa: E402
+from parallel import wrap_model  # noqa: E402
 from step import train_step  # noqa: E402
 from train import grad_accum_steps_for, make_optimizers, model_config  # noqa: E402
 
@@ -47,13 +48,14 @@ def bench(config, steps, warmup, profile=None):
     raw_model = GPT(model_config(config)).to(device)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # only once the device holds memory: before, torch 2.11 refuses
-    model = torch.compile(raw_model) if config.compile else raw_model
+    info = DistInfo(device=device)
+    model, _ = wrap_model(raw_model, config, info)  # --parallel=fsdp: sharded over a one-process group
     optimizers = make_optimizers(config, raw_model, device_type, log=lambda *args, **kwargs: None)
     generator = torch.Generator().manual_seed(config.seed)
     shape = (grad_accum_steps, config.batch_size, config.block_size + 1)
     tokens = torch.randint(0, min(config.vocab_size, 50257), shape, generator=generator).to(device)
     inputs, targets = tokens[..., :-1].contiguous(), tokens[..., 1:].contiguous()
-    info, guard, logger = DistInfo(device=device), NonFiniteGuard(config.max_nonfinite_steps), Logger("", enabled=False)
+    guard, logger = NonFiniteGuard(config.max_nonfinite_steps), Logger("", enabled=False)
     batches = itertools.cycle(list(zip(inputs, targets)))
 
     def run(steps):

@@ -1,6 +1,7 @@
 """HellaSwag acc and acc_norm of a checkpoint or a local GPT-2 folder.
 
     python scripts/eval.py out/gpt2_124m/ckpt_019073.pt
+    python scripts/eval.py out/gpt2_xl/ckpt_010000.dcp                   # a sharded (fsdp) checkpoint
     python scripts/eval.py path/to/gpt2_folder --hellaswag_path data/hellaswag/hellaswag_val.jsonl --limit 1000
     torchrun --standalone --nproc_per_node=8 scripts/eval.py out/gpt2_124m/ckpt_019073.pt
 """
@@ -11,9 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from checkpoint import try_load  # noqa: E402
+from checkpoint import model_weights, try_load  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.tokenizer import encode  # noqa: E402
 from distributed import setup_distributed, teardown_distributed  # noqa: E402
@@ -25,13 +24,13 @@ from train import autocast_context  # noqa: E402
 
 def load_model(path):
     """A GPT from one of our checkpoints or from a GPT-2 folder (config.json + model.safetensors)."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not path.rstrip("/").endswith(".dcp"):
         keys, state = import_hf(path)
     else:
         checkpoint, problem = try_load(path, required=("model", "config"))
         if checkpoint is None:
             raise ConfigError(f"checkpoint {path} is unusable ({problem})")
-        keys, state = checkpoint["config"], checkpoint["model"]
+        keys, state = checkpoint["config"], model_weights(path, checkpoint)
     fields = GPTConfig.__dataclass_fields__
     config = GPTConfig(**{k: v for k, v in keys.items() if k in fields})
     if "vocab_size" not in keys:

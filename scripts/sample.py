@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import latest_valid, try_load  # noqa: E402
+from checkpoint import latest_valid, model_weights, try_load  # noqa: E402
 from checks import check_device, fail  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.tokenizer import EOT_TOKEN, decode, encode  # noqa: E402
@@ -48,7 +48,7 @@ def load_model(path, device):
             fail(f"checkpoint {path} is unusable ({problem})")
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     model = GPT(GPTConfig(**{k: v for k, v in checkpoint["config"].items() if k in names}))
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(model_weights(path, checkpoint))
     print(f"loaded {path} (step {checkpoint['step']}, {model.num_params():,} parameters)", file=sys.stderr)
     return model.to(device).eval()
 

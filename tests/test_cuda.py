@@ -1,7 +1,7 @@
 """GPU-only checks: they skip themselves without CUDA. Run them on a GPU machine with `make test`.
 
-bf16 autocast training, fused AdamW on the GPU, resume on the GPU (within the usual non-determinism), and a
-one-GPU torchrun run on NCCL.
+bf16 autocast training, fused AdamW on the GPU, resume on the GPU (within the usual non-determinism), a
+one-GPU torchrun run on NCCL, and --parallel=fsdp on one GPU (bf16 gathered weights) against ddp.
 """
 
 import math
@@ -98,3 +98,21 @@ def test_fused_loss_matches_full_logits_under_bf16_autocast():
     for got, want in zip(grads, expected_grads):
         assert got.dtype == want.dtype == torch.float32
         assert ((got - want).norm() / want.norm()).item() < 1e-2  # bf16 matmuls either way
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fsdp_on_one_gpu_trains_like_ddp_and_resumes(token_dir, tmp_path, optimizer):
+    """--parallel=fsdp on one GPU (bf16 gathered weights, fp32 reduction) against ddp: close losses, and a
+    sharded checkpoint written by it resumes."""
+    runs = {}
+    for parallel in ("ddp", "fsdp"):
+        out = str(tmp_path / parallel)
+        train.main(cuda_args(token_dir, out, "--max_steps=6", "--eval_interval=6", "--checkpoint_interval=3",
+                             f"--parallel={parallel}", f"--optimizer={optimizer}"))
+        runs[parallel] = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert all(math.isfinite(loss) for loss in runs["fsdp"])
+    assert all(abs(a - b) < 0.05 for a, b in zip(runs["ddp"], runs["fsdp"])), runs  # bf16 weights vs fp32 ones
+    assert os.path.isdir(tmp_path / "fsdp" / "ckpt_000006.dcp")
+    train.main(cuda_args(token_dir, str(tmp_path / "fsdp"), "--max_steps=8", "--eval_interval=8",
+                         "--checkpoint_interval=3", "--parallel=fsdp", f"--optimizer={optimizer}"))
+    assert [m["step"] for m in read_metrics(str(tmp_path / "fsdp")) if "loss" in m] == list(range(8))

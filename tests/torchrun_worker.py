@@ -1,4 +1,5 @@
-"""Run train.train() under torchrun, then save this rank's parameters to out_dir/rank{R}.pt (for tests).
+"""Run train.train() under torchrun, then save this rank's parameters to out_dir/rank{R}.pt (for tests);
+under --parallel=fsdp the whole parameters, gathered from the shards.
 
 TEST_FAIL_RANK=R with TEST_FAIL_MODE=raise|kill|data makes rank R raise (a bug), SIGKILL itself, or meet a
 user's mistake that only it sees (a DataError) on its third batch, to check that one failing rank ends the
@@ -12,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 import train  # noqa: E402
 from checks import reported_as_errors  # noqa: E402
@@ -45,7 +47,8 @@ def main():
     try:
         with reported_as_errors(DataError):
             model = train.train(config, info)
-            torch.save(model.state_dict(), os.path.join(config.out_dir, f"rank{info.rank}.pt"))
+            state = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+            torch.save(state, os.path.join(config.out_dir, f"rank{info.rank}.pt"))
     finally:
         teardown_distributed()
 

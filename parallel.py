@@ -1,0 +1,168 @@
+"""How the model is spread over processes: DDP (every rank holds everything) or FSDP2 (each rank holds a
+shard of every weight, gradient and optimizer state), and the optimizer pieces that need to know it.
+
+    --parallel=ddp   DistributedDataParallel; one process without torchrun needs nothing at all
+    --parallel=fsdp  torch.distributed.fsdp.fully_shard on each block, then on the whole model (the root
+                     unit holds wte, tied to lm_head, wpe and ln_f); bf16 weights gathered for compute and
+                     fp32 gradient reduction on CUDA; the same code under gloo on CPU
+
+Muon under FSDP (ShardedMuon): the momentum is elementwise, so each rank keeps it for its own rows. The
+Newton-Schulz orthogonalization is not: it needs the whole matrix. Each matrix has an owning rank
+(round robin, so the work is shared); the others send it their rows, the owner orthogonalizes the whole
+matrix once, and sends each rank its rows of the update back. The result is torch.optim.Muon's update.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def ensure_process_group(info):
+    """FSDP needs a process group even for one process without torchrun: a private one-rank group then."""
+    if not dist.is_initialized():
+        cuda = info.device_type == "cuda"
+        device = torch.device(info.device if ":" in info.device or not cuda else f"cuda:{torch.cuda.current_device()}")
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if cuda else None)
+
+
+def shard_model(model, info):
+    """fully_shard each transformer block, then the root (in place: `model` becomes the FSDP module)."""
+    ensure_process_group(info)
+    policy = MixedPrecisionPolicy()  # float32 throughout on CPU
+    if info.device_type == "cuda":
+        # weights gathered in bf16 for the matmuls, gradients reduced in fp32, fp32 master weights kept sharded
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the rest, wte/lm_head's tied weight included, lives in the root unit
+    if info.device_type != "cuda" and hasattr(model, "set_force_sum_reduction_for_comms"):
+        # gloo has no AVG reduction: sum, then divide by the world size ourselves (pytorch issue 162338)
+        model.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def wrap_model(raw_model, config, info):
+    """(model to train, model to evaluate): sharded or DDP-wrapped, compiled when config.compile."""
+    if config.parallel == "fsdp":
+        shard_model(raw_model, info)
+    model = torch.compile(raw_model) if config.compile else raw_model
+    eval_model = model  # not DDP-wrapped: evaluation needs no gradient sync
+    if config.parallel == "ddp" and info.ddp:
+        model = DDP(model, device_ids=[info.local_rank] if info.device_type == "cuda" else None)
+    return model, eval_model
+
+
+def set_gradient_sync(model, enabled):
+    """Sync gradients on this backward (the last micro-step) or only accumulate locally (earlier ones)."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP module (possibly inside torch.compile)
+        model.set_requires_gradient_sync(enabled)
+    elif hasattr(getattr(model, "_orig_mod", None), "set_requires_gradient_sync"):
+        model._orig_mod.set_requires_gradient_sync(enabled)
+
+
+def clip_grad_norm(parameters, max_norm):
+    """Clip to the global norm over every shard; return the pre-clip norm as a plain tensor."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    total_norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()  # the sum of squares over all ranks' shards
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+    return total_norm
+
+
+def row_counts(rows, world_size):
+    """Rows of a dim-0 shard on each rank, as FSDP cuts them (torch.chunk; trailing ranks may get none)."""
+    per_rank = -(-rows // world_size)
+    return [max(0, min(per_rank, rows - rank * per_rank)) for rank in range(world_size)]
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon for FSDP's dim-0 sharded DTensor matrices (plain tensors pass through unchanged)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = []  # (group, param, momentum update): elementwise, so each rank computes its own rows
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buf = state["momentum_buffer"]
+                buf.lerp_(param.grad, 1 - group["momentum"])
+                update = param.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                todo.append((group, param, update))
+        updates = orthogonalize([(update, group) for group, _, update in todo])
+        for (group, param, _), update in zip(todo, updates):
+            lr = group["lr"]
+            param.mul_(1 - lr * group["weight_decay"])
+            local = param.to_local() if isinstance(param, DTensor) else param
+            local.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+def newton_schulz(matrix, group):
+    return _zeropower_via_newtonschulz(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+
+def orthogonalize(items):
+    """Newton-Schulz of each (update, hyperparameters) matrix, whole; returns this rank's rows of each.
+
+    Sharded matrices get owners round robin. All rows travel to the owners first (asynchronously), then
+    every rank orthogonalizes the matrices it owns while the others do theirs, and scatters the rows back.
+    """
+    results, transfers = [None] * len(items), []
+    for index, (update, group) in enumerate(items):
+        local = update.to_local() if isinstance(update, DTensor) else update
+        mesh_group = update.device_mesh.get_group() if isinstance(update, DTensor) else None
+        if mesh_group is None or dist.get_world_size(mesh_group) == 1:
+            results[index] = newton_schulz(local, group)
+            continue
+        world_size, rank = dist.get_world_size(mesh_group), dist.get_rank(mesh_group)
+        owner = len(transfers) % world_size
+        counts = row_counts(update.shape[0], world_size)
+        padded = local.new_zeros(max(counts), update.shape[1])  # gather and scatter want equal sizes
+        padded[: local.size(0)] = local
+        pieces = [torch.empty_like(padded) for _ in range(world_size)] if rank == owner else None
+        handle = dist.gather(padded, pieces, dst=dist.get_global_rank(mesh_group, owner), group=mesh_group,
+                             async_op=True)
+        transfers.append((index, mesh_group, owner, rank == owner, counts, padded, pieces, handle))
+    for *_, handle in transfers:
+        handle.wait()
+    scatters = []
+    for index, mesh_group, owner, owned, counts, padded, pieces, _ in transfers:
+        if owned:
+            whole = torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
+            result = newton_schulz(whole, items[index][1]).to(padded.dtype)
+            pieces = [torch.cat([rows, rows.new_zeros(padded.size(0) - rows.size(0), padded.size(1))])
+                      for rows in result.split(counts)]
+        scatters.append(dist.scatter(padded, pieces if owned else None, src=dist.get_global_rank(mesh_group, owner),
+                                     group=mesh_group, async_op=True))
+        results[index] = padded[: counts[dist.get_rank(mesh_group)]]
+    for handle in scatters:
+        handle.wait()
+    return results
+
+
+def optimizer_state_elements(optimizer):
+    """Elements of optimizer state this rank holds (its shards only under FSDP); step counters left out."""
+    total = 0
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            if torch.is_tensor(value) and name != "step":
+                total += (value.to_local() if isinstance(value, DTensor) else value).numel()
+    return total

@@ -1,0 +1,55 @@
+"""FSDP (--parallel=fsdp) against single-process references: real torchrun, gloo, CPU."""
+
+import json
+import math
+import os
+import re
+
+from tests.conftest import read_metrics, run_python
+from tests.test_distributed import torchrun
+
+
+def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_path):
+    """2-process fsdp and 1-process ddp on the same global batch: the same losses and gradient norms step
+    by step, for adamw and muon. The gradient norm is what catches gradients summed over ranks instead of
+    averaged (pytorch issue 162338): Adam and Muon updates barely notice a 2x gradient, the norm doubles.
+    Step 1's loss is NaN in both: the non-finite guard skips its update in both alike."""
+    reference, sharded = str(tmp_path / "reference"), str(tmp_path / "fsdp")
+    nan_step = {"GPT2_DEBUG_NAN_STEPS": "1"}
+    result = run_python(["tests/fsdp_worker.py", token_dir, reference], env=nan_step)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(2, "tests/fsdp_worker.py", [token_dir, sharded], env=nan_step)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for optimizer, tolerance in (("adamw", 1e-4), ("muon", 2e-3)):
+        # muon's Newton-Schulz runs in bf16: a float32 reduction-order difference can round differently
+        one, two = read_metrics(os.path.join(reference, optimizer)), read_metrics(os.path.join(sharded, optimizer))
+        assert [m["step"] for m in one] == [m["step"] for m in two]
+        assert [m["loss"] for m in one + two if m["step"] == 1 and "loss" in m] == [None, None]  # NaN logs as null
+        for a, b in zip(one, two):
+            for key in ("loss", "grad_norm", "val_loss"):
+                if key in a and a["step"] != 1:
+                    assert math.isclose(a[key], b[key], rel_tol=tolerance), (optimizer, key, a, b)
+
+    # each rank holds about half of the optimizer state: adamw two moments per element, muon's hidden
+    # matrices one momentum and the rest two adamw moments
+    ranks = [json.load(open(os.path.join(sharded, f"state_rank{rank}.json"))) for rank in (0, 1)]
+    for optimizer in ("adamw", "muon"):
+        params = ranks[0][optimizer]["params"]
+        full_state = 2 * params - ranks[0][optimizer]["muon_params"]
+        assert sum(r[optimizer]["local_params"] for r in ranks) == params
+        assert sum(r[optimizer]["state"] for r in ranks) == full_state
+        for r in ranks:
+            assert abs(r[optimizer]["state"] - full_state / 2) <= 0.02 * full_state, (optimizer, r)
+
+
+def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config():
+    """GPT-2 XL's config on 8 processes: fsdp holds 1/8 of the weights, gradients and optimizer state."""
+    result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", "--dry_run"], env={"WORLD_SIZE": "8"})
+    assert result.returncode == 0, result.stderr
+    assert "parameters: 1,557,686,400" in result.stdout  # GPT-2 XL with the vocab padded to 50304
+    lines = {parallel: next(line for line in result.stdout.splitlines()
+                            if f"GPU memory per process ({parallel}" in line) for parallel in ("ddp", "fsdp")}
+    assert "fsdp, this run, 8 processes" in lines["fsdp"]
+    for part in ("weights", "gradients", "optimizer state"):
+        ddp, fsdp = (float(re.search(rf"{part} ([\d.]+) GiB", lines[p]).group(1)) for p in ("ddp", "fsdp"))
+        assert math.isclose(fsdp, ddp / 8, rel_tol=0.02), (part, ddp, fsdp)
