@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import model_weights, try_load  # noqa: E402
+from checkpoint_files import model_weights, try_load  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.tokenizer import encode  # noqa: E402
 from distributed import setup_distributed, teardown_distributed  # noqa: E402

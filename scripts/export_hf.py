@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import model_weights, try_load  # noqa: E402
+from checkpoint_files import model_weights, try_load  # noqa: E402
 from hf_interop import export_hf  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import latest_valid, model_weights, try_load  # noqa: E402
+from checkpoint_files import latest_valid, model_weights, try_load  # noqa: E402
 from checks import check_device, fail  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.tokenizer import EOT_TOKEN, decode, encode  # noqa: E402

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
 from distributed import setup_distributed, teardown_distributed  # noqa: E402
-from checkpoint import load_optimizer_state  # noqa: E402
+from checkpoint_files import load_optimizer_state  # noqa: E402
 from parallel import ShardedMuon, optimizer_state_elements, shard_model  # noqa: E402
 from sharded_checkpoint import load_sharded, save_sharded  # noqa: E402
 from tests.conftest import tiny_args  # noqa: E402

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import train
-from checkpoint import Checkpointer, atomic_save, list_checkpoints
+from checkpoint import Checkpointer
+from checkpoint_files import atomic_save, list_checkpoints
 from distributed import DistInfo
 from model import GPT, GPTConfig
 from tests.conftest import read_metrics, run_python, tiny_args

@@ -1,0 +1,174 @@
+"""Checkpoint files: write one atomically, read one (full .pt or sharded .dcp), list, validate and compare them,
+and the random and optimizer states they carry. The run's own saving and resuming is checkpoint.Checkpointer.
+"""
+
+import json
+import os
+import random
+import re
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from checks import WriteRecorder
+from config import ConfigError, config_to_dict
+from data.shards import atomic_write
+from sharded_checkpoint import SHARDED, is_sharded_checkpoint, load_full_weights, read_meta
+
+CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
+REQUIRED_KEYS = ("model", "optimizers", "step", "config", "ranks")
+
+
+def clean_state_dict(model):
+    """Weights of the bare model: unwrap DDP (.module) and torch.compile (._orig_mod)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model.state_dict()
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, flush and fsync, then rename: a crash mid-save leaves `path` as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
+                torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, device="cpu"):
+    if is_sharded_checkpoint(path):
+        return read_meta(path)  # the weights stay in the shard files: model_weights() gathers them
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_weights(path, checkpoint):
+    """The whole model's state dict of a checkpoint that load_checkpoint(path) returned, sharded or not."""
+    return load_full_weights(path) if checkpoint["model"] == SHARDED else checkpoint["model"]
+
+
+def list_checkpoints(out_dir):
+    """(step, path) of every checkpoint in out_dir, newest first; at equal steps ckpt_ before best_."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in os.listdir(out_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            found.append((int(match.group(2)), match.group(1) == "ckpt", os.path.join(out_dir, name)))
+    return [(step, path) for step, _, path in sorted(found, reverse=True)]
+
+
+def try_load(path, required=REQUIRED_KEYS):
+    """(checkpoint, None) when `path` loads and has every required part, else (None, the reason)."""
+    if not is_sharded_checkpoint(path) and not zipfile.is_zipfile(path):
+        return None, "not a checkpoint: train.py writes ckpt_STEP.pt / best_STEP.pt zip files (or .dcp folders)"
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as e:  # truncated zip, bad pickle, unreadable file: all mean "not usable"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    missing = [k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint]
+    return (None, f"missing {', '.join(missing)}") if missing else (checkpoint, None)
+
+
+def latest_valid(out_dir, warn=print):
+    """(path, checkpoint) of the newest checkpoint that loads; warns about each broken one skipped."""
+    for _, path in list_checkpoints(out_dir):
+        checkpoint, problem = try_load(path)
+        if checkpoint is not None:
+            return path, checkpoint
+        warn(f"warning: checkpoint {path} is unusable ({problem}); falling back to the previous one")
+    return None, None
+
+
+def compare_configs(saved, config):
+    """Refuse a checkpoint of another model; return the other keys that differ as 'key: old -> new'."""
+    requested = config_to_dict(config)
+    differ = [k for k in requested if k != "resume" and saved.get(k) != requested[k]]
+    refused = [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested"
+               for k in differ if k in MODEL_KEYS]
+    if refused:
+        raise ConfigError("the checkpoint holds a different model; differing keys:\n  " + "\n  ".join(refused) +
+                          "\nResume with the checkpoint's values, or start a new run in another --out_dir.")
+    return [f"{k}: {saved.get(k)!r} -> {requested[k]!r}" for k in differ]
+
+
+def rng_state(device):
+    """This process's random states as tensors and plain data (weights_only-loadable)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if str(device).startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    numpy = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": numpy["key"].numpy().astype(np.uint32),
+                         "pos": numpy["pos"]}, "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if str(device).startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def trim_metrics(out_dir, step):
+    """Drop metrics.jsonl records from `step` on: the resumed run writes them again."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if not isinstance(record, dict) or record.get("step", -1) < step:
+            kept.append(line)
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))  # a kill mid-trim loses no record
+
+
+def load_optimizer_state(optimizer, state, load=None):
+    """Restore moments and step counts, but keep this run's hyperparameters: torch's load_state_dict would
+    bring back the checkpoint's lr, weight decay and betas, silently undoing a --learning_rate=... override
+    that the resume reports as a change."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    (load or optimizer.load_state_dict)(state)
+    for group, hyper in zip(optimizer.param_groups, configured, strict=True):
+        group.update(hyper)
+
+
+def newer_elsewhere(config):
+    """Under --resume=auto, a message when another rank's out_dir lists a newer checkpoint than rank 0's does
+    (nodes without a shared filesystem restarted with another node as rank 0): resuming from an older one, or
+    afresh, would be silent. Every rank calls it; only file names are read."""
+    newest = list_checkpoints(config.out_dir)[:1]
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, newest[0] if newest else (-1, None))
+    rank, (step, path) = max(enumerate(found), key=lambda item: item[1][0])
+    if config.resume != "auto" or step <= found[0][0]:
+        return None
+    return (f"rank {rank} finds {path}, newer than any checkpoint in rank 0's out_dir, and only rank 0 reads "
+            f"out_dir: restart with the node that holds it as rank 0, or copy it into rank 0's --out_dir.")
