@@ -60,7 +60,7 @@ def apply_update(optimizers, finite):
             step_unless_nonfinite(optimizer, finite)
 
 
-def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step, config, info, guard, logger):
+def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step, config, info, guard):
     """Run optimizer step `step`; returns (mean loss, pre-clip gradient norm) as device tensors and the lr."""
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)

@@ -199,7 +199,7 @@ def train(config, info):
         if window_start is None:  # the timing window opens at the first step after a log, eval or save
             window_start, window_steps = time.time(), 0
         loss, grad_norm, lr = train_step(model, raw_model, optimizers, train_loader.next_batch, grad_accum_steps,
-                                         step, config, info, guard, logger)
+                                         step, config, info, guard)
         window_steps += 1
         if step % config.log_interval == 0 or step == config.max_steps - 1:
             guard.check(logger)

@@ -61,7 +61,7 @@ def bench(config, steps, warmup, profile=None):
     def run(steps):
         for step in range(steps):
             train_step(model, raw_model, optimizers, lambda: next(batches), grad_accum_steps, step, config, info,
-                       guard, logger)
+                       guard)
         guard.check(logger)  # reads the NaN/inf flags: waits for the device
 
     run(warmup)
