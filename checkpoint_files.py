@@ -15,7 +15,7 @@ import torch.distributed as dist
 from checks import WriteRecorder
 from config import ConfigError, config_to_dict
 from data.shards import atomic_write
-from sharded_checkpoint import SHARDED, is_sharded_checkpoint, load_full_weights, read_meta
+from sharded_checkpoint import SHARDED, fsync_directory, is_sharded_checkpoint, load_full_weights, read_meta
 
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
@@ -44,11 +44,7 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)  # make the rename itself durable
 
 
 def load_checkpoint(path, device="cpu"):
