@@ -18,6 +18,7 @@ PEAK_FLOPS = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),  # 94 GB, PCIe form factor: lower clocks than the SXM part
     ("H100", 989e12),
+    ("H200 NVL", 835e12),  # 141 GB, PCIe form factor, as the H100 NVL
     ("H200", 989e12),
     ("A100", 312e12),
 ]

@@ -22,7 +22,7 @@ def hand_flops_per_token(n_layer, n_embd, block_size, vocab_size):
 
 @pytest.mark.parametrize("device_name, peak", [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12),
 ])
 def test_mfu_matches_a_hand_computation(device_name, peak):
     config = train.model_config(train.load_config(["configs/gpt2_124m.py"]))
