@@ -4,11 +4,17 @@ what is trained.
     zero grads -> grad_accum_steps x (batch, forward, backward) -> mean loss over ranks -> clip
     -> schedule -> the non-finite check -> optimizer step(s)
 
-No host sync on the way on a GPU: the loss and the gradient norm stay tensors on the device. A NaN/inf
-step skips its update on the device, and the guard reads the flags when the loop next logs: torch's
-fused AdamW skips inside its kernel (its found_inf input, as the AMP grad scaler uses it); any other
-optimizer (Muon) steps, then puts back its parameters and states from copies taken before (torch.where on
-the finite flag).
+The loss and the gradient norm stay tensors on the device. A NaN/inf step skips its update: torch's fused
+AdamW skips inside its kernel (its found_inf input, as the AMP grad scaler uses it), with no host sync;
+any other optimizer (Muon) reads the finite flag on the host once and does not step at all, so a skipped
+step leaves every parameter and state bit for bit as it was.
+
+Why a host read for Muon rather than a masked update on the device: it is exact by construction, keeps
+torch.optim.Muon's own step under ddp (and ShardedMuon's under fsdp) unchanged, and needs no copies; an
+undo from copies cost a copy of every Muon parameter and momentum each step (about 680 MB at 124M), and
+a masked update would mean our own Muon under ddp too. The price is one wait for the device per step,
+before the Muon step; with the default log_interval=1 the loop reads the loss on the host every step
+anyway.
 """
 
 from contextlib import nullcontext
@@ -32,23 +38,9 @@ def skips_on_device(optimizer):
     return type(optimizer) is torch.optim.AdamW and optimizer.defaults.get("fused")
 
 
-@torch.no_grad()
-def step_unless_nonfinite(optimizer, finite):
-    """Step, then undo it where `finite` is False: parameters and existing states come back from copies, states
-    the step created go back to zeros (their initial value in AdamW and Muon). No host sync."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    saved = [(p, p.clone(), {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)})
-             for p in params]
-    optimizer.step()
-    for p, before, states in saved:
-        p.copy_(torch.where(finite, p, before))
-        for key, value in optimizer.state[p].items():
-            if torch.is_tensor(value):
-                value.copy_(torch.where(finite, value, states.get(key, torch.zeros_like(value))))
-
-
 def apply_update(optimizers, finite):
-    """Step the optimizers unless this step's loss or gradient norm is NaN/inf, without a host sync."""
+    """Step the optimizers unless this step's loss or gradient norm is NaN/inf (`finite`, a device bool)."""
+    finite_on_host = None
     for optimizer in optimizers:
         if skips_on_device(optimizer):
             optimizer.found_inf = (~finite).float()  # 1.0: the kernel leaves weights, moments and step count alone
@@ -56,8 +48,11 @@ def apply_update(optimizers, finite):
                 optimizer.step()
             finally:
                 del optimizer.found_inf
-        else:
-            step_unless_nonfinite(optimizer, finite)
+            continue
+        if finite_on_host is None:
+            finite_on_host = bool(finite)  # one host sync, the same answer on every rank (loss and norm are reduced)
+        if finite_on_host:
+            optimizer.step()
 
 
 def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step, config, info, guard):

@@ -4,9 +4,9 @@
     python tests/fsdp_worker.py TOKEN_DIR OUT_ROOT                        # the single-process references
 
 Trains the tiny model with adamw and with muon into OUT_ROOT/{adamw,muon}; under torchrun also checks
-ShardedMuon against torch.optim.Muon on whole matrices, and writes how many optimizer-state elements
-each rank holds to OUT_ROOT/state_rank{R}.json, and round-trips both setups' states through a sharded
-checkpoint.
+ShardedMuon (fsdp) and torch.optim.Muon (ddp's replicas) against torch.optim.Muon on whole matrices, a
+skipped non-finite step included, writes how many optimizer-state elements each rank holds to
+OUT_ROOT/state_rank{R}.json, and round-trips both setups' states through a sharded checkpoint.
 """
 
 import json
@@ -25,29 +25,46 @@ from distributed import setup_distributed, teardown_distributed  # noqa: E402
 from checkpoint_files import load_optimizer_state  # noqa: E402
 from parallel import ShardedMuon, optimizer_state_elements, shard_model  # noqa: E402
 from sharded_checkpoint import load_sharded, save_sharded  # noqa: E402
+from step import apply_update  # noqa: E402
 from tests.conftest import tiny_args  # noqa: E402
 
 MUON_SHAPES = [(8, 5), (5, 8), (7, 3), (1, 4), (16, 16)]  # odd row counts: uneven shards, one rank empty
 
 
-def check_sharded_muon(info):
-    """Three steps of ShardedMuon on sharded matrices equal torch.optim.Muon's on the whole ones."""
+def whole(value):
+    return value.full_tensor() if isinstance(value, DTensor) else value.detach()
+
+
+def check_muon_against_torch(sharded):
+    """Three Muon steps, the second with NaN gradients and skipped through step.apply_update, against
+    torch.optim.Muon on whole matrices that is given only the two finite steps: parameters and momentum equal
+    bit for bit after every step, so the skipped step changed nothing. sharded: ShardedMuon on fully_shard's
+    DTensors (fsdp); else torch.optim.Muon on plain tensors (one process, or each of ddp's ranks)."""
     torch.manual_seed(0)
     full = [torch.randn(shape) for shape in MUON_SHAPES]
     grads = [[torch.randn(shape) for shape in MUON_SHAPES] for _ in range(3)]
+    grads[1] = [torch.full(shape, float("nan")) for shape in MUON_SHAPES]
     reference = [torch.nn.Parameter(w.clone()) for w in full]
-    holder = torch.nn.ParameterList([torch.nn.Parameter(w.clone()) for w in full])
-    fully_shard(holder)
+    tested = torch.nn.ParameterList([torch.nn.Parameter(w.clone()) for w in full])
+    if sharded:
+        fully_shard(tested)
     hyper = dict(lr=0.02, weight_decay=0.01, momentum=0.9, nesterov=True, adjust_lr_fn="original")
-    sharded, plain = ShardedMuon(list(holder), **hyper), torch.optim.Muon(reference, **hyper)
-    for step_grads in grads:
-        for p, q, g in zip(holder, reference, step_grads):
-            p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+    optimizer = (ShardedMuon if sharded else torch.optim.Muon)(list(tested), **hyper)
+    plain = torch.optim.Muon(reference, **hyper)
+    for step, step_grads in enumerate(grads):
+        finite = step != 1
+        for p, q, g in zip(tested, reference, step_grads):
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements) if sharded else g.clone()
             q.grad = g.clone()
-        sharded.step()
-        plain.step()
-    for shape, p, q in zip(MUON_SHAPES, holder, reference):
-        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-6, atol=1e-7, msg=f"shape {shape}")
+        apply_update([optimizer], torch.tensor(finite))
+        if finite:
+            plain.step()
+        # exact: the momentum and the weight update are elementwise (the same on rows as on the whole), and the
+        # owner runs torch's Newton-Schulz on the same bf16 matrix that torch.optim.Muon gives it
+        for shape, p, q in zip(MUON_SHAPES, tested, reference):
+            assert torch.equal(whole(p), q.detach()), (sharded, step, shape)
+            assert torch.equal(whole(optimizer.state[p]["momentum_buffer"]), plain.state[q]["momentum_buffer"]), \
+                (sharded, step, shape)
 
 
 def local(value):
@@ -109,7 +126,8 @@ def main():
                                            f"--parallel={'fsdp' if distributed else 'ddp'}"))
             train.train(config, info)
         if distributed:
-            check_sharded_muon(info)
+            check_muon_against_torch(sharded=True)
+            check_muon_against_torch(sharded=False)
             count_state(config, info, out_root)
     finally:
         teardown_distributed()

@@ -11,6 +11,7 @@ import train
 from configure_optimizers import configure_muon, muon_momentum, muon_param_groups
 from model import GPT, GPTConfig
 from tests.conftest import read_metrics, run_python, tiny_args
+from tests.fsdp_worker import check_muon_against_torch
 
 
 def tiny_model(tie=True):
@@ -93,6 +94,12 @@ def test_checkpoint_round_trip_of_both_optimizers():
     step(model_b, optimizers_b)
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_skipped_nonfinite_step_leaves_muon_untouched():
+    """One process: through step.apply_update, finite steps equal torch.optim.Muon's bit for bit and a NaN step
+    changes no parameter or momentum bit (tests/fsdp_worker.py runs the same check on 2 ranks, ddp and fsdp)."""
+    check_muon_against_torch(sharded=False)
 
 
 def test_quickstart_with_muon_trains(token_dir, tmp_path):
