@@ -7,9 +7,11 @@ shard of every weight, gradient and optimizer state), and the optimizer pieces t
                      fp32 gradient reduction on CUDA; the same code under gloo on CPU
 
 Muon under FSDP (ShardedMuon): the momentum is elementwise, so each rank keeps it for its own rows. The
-Newton-Schulz orthogonalization is not: it needs the whole matrix. Each matrix has an owning rank
-(round robin, so the work is shared); the others send it their rows, the owner orthogonalizes the whole
-matrix once, and sends each rank its rows of the update back. The result is torch.optim.Muon's update.
+Newton-Schulz orthogonalization is not: it needs the whole matrix. Each matrix has an owning rank (by its
+Newton-Schulz cost, largest first to the least-loaded rank: assign_owners); the others send it their
+rows, the owner orthogonalizes the whole matrix once, and sends each rank its rows of the update back.
+Rows travel in bf16: torch's Newton-Schulz casts its input to bf16 before anything else and returns bf16,
+so the bytes are half and the result is torch.optim.Muon's update bit for bit.
 """
 
 import torch
@@ -20,6 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 PARALLEL_MODES = ("ddp", "fsdp")
+# the dtype torch's Newton-Schulz casts its input to before anything else (torch 2.13, and the earlier form
+# of _zeropower_via_newtonschulz that also takes use_addmm), so ShardedMuon moves rows in it: the same
+# update for half of float32's bytes
+NEWTON_SCHULZ_DTYPE = torch.bfloat16
 
 
 def ensure_process_group(info):
@@ -116,27 +122,61 @@ class ShardedMuon(torch.optim.Muon):
 
 
 def newton_schulz(matrix, group):
-    return _zeropower_via_newtonschulz(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"])
+    """torch's Newton-Schulz, called as torch.optim.Muon calls it (some torch versions take use_addmm too)."""
+    use_addmm = (group["use_addmm"],) if "use_addmm" in group else ()
+    return _zeropower_via_newtonschulz(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"], *use_addmm)
+
+
+def newton_schulz_cost(shape):
+    """Multiply-adds of one Newton-Schulz iteration on a (rows, cols) matrix: with m the shorter side and n the
+    longer, X @ X.T and its product with X take m*m*n each, the Gram matrix squared m**3."""
+    short, long = sorted(shape)
+    return 2 * short * short * long + short**3
+
+
+def assign_owners(shapes, world_size):
+    """The owning rank of each matrix: largest Newton-Schulz cost first, each to the least-loaded rank (the
+    lowest on a tie). Depends on the shapes alone, so every rank computes the same owners."""
+    loads, owners = [0] * world_size, [0] * len(shapes)
+    for index in sorted(range(len(shapes)), key=lambda i: -newton_schulz_cost(shapes[i])):  # stable: ties in order
+        owner = loads.index(min(loads))
+        owners[index] = owner
+        loads[owner] += newton_schulz_cost(shapes[index])
+    return owners
+
+
+def rank_loads(shapes, owners, world_size):
+    """The Newton-Schulz cost each rank does under `owners`."""
+    loads = [0] * world_size
+    for shape, owner in zip(shapes, owners):
+        loads[owner] += newton_schulz_cost(shape)
+    return loads
 
 
 def orthogonalize(items):
     """Newton-Schulz of each (update, hyperparameters) matrix, whole; returns this rank's rows of each.
 
-    Sharded matrices get owners round robin. All rows travel to the owners first (asynchronously), then
-    every rank orthogonalizes the matrices it owns while the others do theirs, and scatters the rows back.
+    Sharded matrices get owners by cost (assign_owners). All rows travel to the owners first
+    (asynchronously), then every rank orthogonalizes the matrices it owns while the others do theirs, and
+    scatters the rows back.
     """
-    results, transfers = [None] * len(items), []
+    results, sharded = [None] * len(items), []  # sharded: (index, process group of its mesh)
     for index, (update, group) in enumerate(items):
-        local = update.to_local() if isinstance(update, DTensor) else update
         mesh_group = update.device_mesh.get_group() if isinstance(update, DTensor) else None
         if mesh_group is None or dist.get_world_size(mesh_group) == 1:
-            results[index] = newton_schulz(local, group)
-            continue
-        world_size, rank = dist.get_world_size(mesh_group), dist.get_rank(mesh_group)
-        owner = len(transfers) % world_size
+            results[index] = newton_schulz(update.to_local() if isinstance(update, DTensor) else update, group)
+        else:
+            sharded.append((index, mesh_group))
+    world_sizes = {dist.get_world_size(mesh_group) for _, mesh_group in sharded}
+    assert len(world_sizes) <= 1, f"ShardedMuon wants every matrix sharded over as many ranks, not {world_sizes}"
+    owners = assign_owners([tuple(items[index][0].shape) for index, _ in sharded], max(world_sizes, default=1))
+    transfers = []
+    for (index, mesh_group), owner in zip(sharded, owners):
+        update, world_size, rank = items[index][0], dist.get_world_size(mesh_group), dist.get_rank(mesh_group)
         counts = row_counts(update.shape[0], world_size)
-        padded = local.new_zeros(max(counts), update.shape[1])  # gather and scatter want equal sizes
-        padded[: local.size(0)] = local
+        padded = torch.zeros(max(counts), update.shape[1], dtype=NEWTON_SCHULZ_DTYPE, device=update.device)
+        local = update.to_local()
+        padded[: local.size(0)] = local  # gather and scatter want equal sizes
         pieces = [torch.empty_like(padded) for _ in range(world_size)] if rank == owner else None
         handle = dist.gather(padded, pieces, dst=dist.get_global_rank(mesh_group, owner), group=mesh_group,
                              async_op=True)
@@ -147,7 +187,7 @@ def orthogonalize(items):
     for index, mesh_group, owner, owned, counts, padded, pieces, _ in transfers:
         if owned:
             whole = torch.cat([piece[:count] for piece, count in zip(pieces, counts)])
-            result = newton_schulz(whole, items[index][1]).to(padded.dtype)
+            result = newton_schulz(whole, items[index][1]).to(padded.dtype)  # torch returns bf16
             pieces = [torch.cat([rows, rows.new_zeros(padded.size(0) - rows.size(0), padded.size(1))])
                       for rows in result.split(counts)]
         scatters.append(dist.scatter(padded, pieces if owned else None, src=dist.get_global_rank(mesh_group, owner),

@@ -5,6 +5,10 @@ import math
 import os
 import re
 
+from configure_optimizers import muon_param_groups
+from metrics import meta_model
+from model import GPTConfig
+from parallel import assign_owners, newton_schulz_cost, rank_loads
 from tests.conftest import read_metrics, run_python
 from tests.test_distributed import torchrun
 
@@ -53,3 +57,26 @@ def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config():
     for part in ("weights", "gradients", "optimizer state"):
         ddp, fsdp = (float(re.search(rf"{part} ([\d.]+) GiB", lines[p]).group(1)) for p in ("ddp", "fsdp"))
         assert math.isclose(fsdp, ddp / 8, rel_tol=0.02), (part, ddp, fsdp)
+
+
+def test_sharded_muon_owners_share_the_newton_schulz_work():
+    """Owners by cost, largest first to the least-loaded rank: at 8 ranks the busiest rank does 2% more than
+    the mean for GPT-2 124M and exactly the mean for XL, where round robin gave c_fc's owners 9/7 of it.
+    Prints the table in docs/benchmarks.md (pytest -s)."""
+    assert assign_owners([(4, 4), (8, 8), (2, 2), (8, 8)], 2) == [0, 0, 1, 1]  # ties: the lower rank, in order
+    unit = 768**3  # 124M's costs are whole multiples: c_attn 7, attn.c_proj 3, c_fc and mlp.c_proj 9
+    assert [newton_schulz_cost(s) // unit for s in [(2304, 768), (768, 768), (3072, 768), (768, 3072)]] == [7, 3, 9, 9]
+    print("\n| model | matrices | round robin: largest / mean per rank | by cost: largest / mean per rank |")
+    for name, n_layer, n_head, n_embd, after in (("GPT-2 124M", 12, 12, 768, 43 / 42), ("GPT-2 XL", 48, 25, 1600, 1.0)):
+        model = meta_model(GPTConfig(block_size=1024, vocab_size=50304, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+        shapes = [tuple(p.shape) for _, p in muon_param_groups(model)["matrix"]]
+        round_robin = rank_loads(shapes, [i % 8 for i in range(len(shapes))], 8)
+        by_cost = rank_loads(shapes, assign_owners(shapes, 8), 8)
+        mean = sum(by_cost) / 8
+        assert sum(round_robin) == sum(by_cost)
+        assert max(round_robin) / mean == 9 / 7  # exact: integer costs
+        assert max(by_cost) / mean == after
+        # multiply-adds of Newton-Schulz (5 iterations) a Muon step, in units of 10^9
+        print(f"| {name} | {len(shapes)} | {5 * max(round_robin) / 1e9:.1f} / {5 * mean / 1e9:.1f} "
+              f"({max(round_robin) / mean:.3f}) | {5 * max(by_cost) / 1e9:.1f} / {5 * mean / 1e9:.1f} "
+              f"({max(by_cost) / mean:.3f}) |")
