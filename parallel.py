@@ -12,6 +12,12 @@ Newton-Schulz cost, largest first to the least-loaded rank: assign_owners); the 
 rows, the owner orthogonalizes the whole matrix once, and sends each rank its rows of the update back.
 Rows travel in bf16: torch's Newton-Schulz casts its input to bf16 before anything else and returns bf16,
 so the bytes are half and the result is torch.optim.Muon's update bit for bit.
+
+Gradient accumulation: DDP syncs only on the last micro-step (earlier ones accumulate locally, costing
+nothing extra: DDP holds whole gradients anyway). FSDP reduce-scatters on every micro-step: turning the
+sync off would make it keep each weight's whole fp32 gradient between micro-steps (6 GB a GPU for
+GPT-2 XL), more than its shards of weights, gradients and optimizer state together, on the memory that
+FSDP is there to save; the reduce-scatters overlap with the backward.
 """
 
 import torch
@@ -65,13 +71,10 @@ def wrap_model(raw_model, config, info):
 
 
 def set_gradient_sync(model, enabled):
-    """Sync gradients on this backward (the last micro-step) or only accumulate locally (earlier ones)."""
+    """DDP: sync gradients on this backward (the last micro-step) or only accumulate locally (earlier ones).
+    An FSDP module is left syncing on every micro-step (see the module docstring)."""
     if isinstance(model, DDP):
         model.require_backward_grad_sync = enabled
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP module (possibly inside torch.compile)
-        model.set_requires_gradient_sync(enabled)
-    elif hasattr(getattr(model, "_orig_mod", None), "set_requires_gradient_sync"):
-        model._orig_mod.set_requires_gradient_sync(enabled)
 
 
 def clip_grad_norm(parameters, max_norm):

@@ -63,7 +63,8 @@ def train_step(model, raw_model, optimizers, next_batch, grad_accum_steps, step,
     for micro_step in range(grad_accum_steps):
         x, y = next_batch()
         if info.ddp:
-            # only sync gradients on the last micro-step; earlier ones just accumulate locally
+            # ddp: only sync gradients on the last micro-step; earlier ones just accumulate locally
+            # (fsdp reduce-scatters on every one, so no whole gradient waits between them: parallel.py)
             set_gradient_sync(model, micro_step == grad_accum_steps - 1)
         with autocast_context(info.device_type):
             _, loss = model(x, y)
