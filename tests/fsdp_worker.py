@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 tests/fsdp_worker.py TOKEN_DIR OUT_ROOT   # fsdp runs and checks
     python tests/fsdp_worker.py TOKEN_DIR OUT_ROOT                        # the single-process references
 
-Trains the tiny model with adamw and with muon into OUT_ROOT/{adamw,muon}; under torchrun also checks
+Trains the tiny model with adamw and with muon (Newton-Schulz in float32) into OUT_ROOT/{adamw,muon}; under
+torchrun also checks
 ShardedMuon (fsdp) and torch.optim.Muon (ddp's replicas) against torch.optim.Muon on whole matrices, a
 skipped non-finite step included, checks that fsdp's gradient accumulation reduce-scatters every
 micro-step and sums to the gradient of the whole batch, writes how many optimizer-state elements each
@@ -30,6 +31,7 @@ from parallel import ShardedMuon, optimizer_state_elements, shard_model  # noqa:
 from sharded_checkpoint import load_sharded, save_sharded  # noqa: E402
 from step import apply_update, train_step  # noqa: E402
 from tests.conftest import tiny_args  # noqa: E402
+from tests.float32_newton_schulz import float32_newton_schulz  # noqa: E402
 
 MUON_SHAPES = [(8, 5), (5, 8), (7, 3), (1, 4), (16, 16)]  # odd row counts: uneven shards, one rank empty
 
@@ -157,7 +159,8 @@ def main():
             config = load_config(tiny_args(token_dir, os.path.join(out_root, optimizer_name), "--max_steps=4",
                                            "--eval_interval=4", f"--optimizer={optimizer_name}",
                                            f"--parallel={'fsdp' if distributed else 'ddp'}"))
-            train.train(config, info)
+            with float32_newton_schulz():  # the comparison with one process: see tests/float32_newton_schulz.py
+                train.train(config, info)
         if distributed:
             check_muon_against_torch(sharded=True)
             check_muon_against_torch(sharded=False)
