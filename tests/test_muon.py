@@ -56,7 +56,9 @@ def test_muon_update_is_orthogonal_after_shape_adjustment():
     optimizer.step()
     update = (before - weight.detach()) / (0.01 * math.sqrt(64 / 16))
     singular_values = torch.linalg.svdvals(update)
-    assert singular_values.min() > 0.6 and singular_values.max() < 1.25  # Newton-Schulz's approximate range
+    # in exact arithmetic torch's 5 iterations map this matrix's singular values to 0.686..1.129 (mean 0.89);
+    # bf16 rounding (2**-8 relative a product) moves them by a few hundredths: the bounds leave 0.08 and 0.12
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.25
     assert abs(singular_values.mean().item() - 1) < 0.2
 
 
