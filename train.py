@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 
 from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
-from checks import fail, hold_out_dir, reported_as_errors
+from checks import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
 from config import ConfigError, config_to_dict, format_config, help_text, load_config, save_config
 from configure_optimizers import configure_adamw, configure_muon
 from data.loader import DataError, DataLoader
@@ -235,6 +235,7 @@ def main(argv=None):
         with reported_as_errors(ConfigError, DataError, NonFiniteError, out_dir=config.out_dir):
             info = setup_distributed(config.device)
             with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
+                check_shared_out_dir(config.out_dir, config.parallel)  # fsdp: every rank writes into out_dir
                 train(config, info)
                 barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
