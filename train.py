@@ -187,7 +187,9 @@ def train(config, info):
                 if info.is_master:
                     logger.log_sample(step, sample)
             if hellaswag is not None:
-                scores = evaluate_hellaswag(eval_model, hellaswag, encode, config.block_size, info.device, info.rank,
+                # the uncompiled model: its many (rows, length) shapes would make torch.compile mark batch and
+                # sequence dynamic, and the training graph compiled after it would keep them for the whole run
+                scores = evaluate_hellaswag(raw_model, hellaswag, encode, config.block_size, info.device, info.rank,
                                             info.world_size, lambda: autocast_context(device_type))
                 logger.print(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
                 logger.log({"step": step, **scores})
