@@ -1,6 +1,7 @@
-"""Run `python train.py ARGS` (train.main) for each ARGS list in a JSON file, in one torchrun launch: one
-start-up of the processes for several commands. TEST_PG_TIMEOUT (seconds) replaces the 300 s
-process-group timeout, so a rank stuck in a collective fails the launch within it."""
+"""Run `python train.py ARGS` (train.main) under torchrun for each ARGS list in a JSON file (the tests give
+one: after a run's teardown, a second run in the same processes lost contact between ranks).
+TEST_PG_TIMEOUT (seconds) replaces the 300 s process-group timeout, so a rank stuck in a collective fails
+the launch within it."""
 
 import functools
 import json
