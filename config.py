@@ -243,10 +243,6 @@ def check_config(config):
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
-    if config.hellaswag and config.parallel == "fsdp":
-        # the ranks score different numbers of examples, and each forward of a sharded model is collective
-        raise ConfigError("--hellaswag is not available with --parallel=fsdp during training: drop it, and score a "
-                          "checkpoint with scripts/eval.py instead.")
 
 
 def config_to_dict(config):

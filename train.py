@@ -99,12 +99,11 @@ def evaluate(model, val_loader, config, info):
         x, y = val_loader.next_batch()
         first = call * per_call + info.rank * config.batch_size
         valid = max(0, min(config.batch_size, windows - first))
-        if valid == 0:
-            continue
         y[valid:] = -1  # windows past the fixed set: ignored by the loss, same shapes for torch.compile
         with autocast_context(info.device_type):
-            _, loss = model(x, y)
-        loss_sum += loss.double() * valid * config.block_size
+            _, loss = model(x, y)  # on every rank, rows or none: under fsdp each forward is a collective
+        if valid:  # a rank without rows has a nan loss (no target counted): it adds nothing
+            loss_sum += loss.double() * valid * config.block_size
     all_reduce_sum(loss_sum, info)
     model.train()
     return (loss_sum / (windows * config.block_size)).item()
@@ -188,7 +187,9 @@ def train(config, info):
                 if info.is_master:
                     logger.log_sample(step, sample)
             if hellaswag is not None:
-                scores = evaluate_hellaswag(eval_model, hellaswag, encode, config.block_size, info.device, info.rank,
+                # the uncompiled model: its many (rows, length) shapes would make torch.compile mark batch and
+                # sequence dynamic, and the training graph compiled after it would keep them for the whole run
+                scores = evaluate_hellaswag(raw_model, hellaswag, encode, config.block_size, info.device, info.rank,
                                             info.world_size, lambda: autocast_context(device_type))
                 logger.print(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
                 logger.log({"step": step, **scores})
