@@ -415,7 +415,8 @@ def main(argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.1,
                         help="probability that a document is drawn into the val split (default 0.1)")
     parser.add_argument("--val_tokens", type=float, default=1e7,
-                        help="the most tokens in the val split (whole documents: it may pass this by one)")
+                        help="the most tokens in the val split (default 1e7; whole documents, so it may pass "
+                             "this by less than one)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the random draw of val documents")
     parser.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: all cores)")
     parser.add_argument("--verify", metavar="DIR", help="check the shards in DIR against its manifest.json and exit")
