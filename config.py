@@ -2,8 +2,9 @@
 
     python train.py [CONFIG.py ...] [--key=value ...]
 
-Config files are plain `key = value` Python files, applied left to right; `--key=value` flags come
-after them. Unknown keys and values of the wrong type are refused with a message naming the key.
+Config files are plain `key = value` Python files, applied left to right; then the `--key=value` flags,
+which override every config file wherever they stand on the command line. Unknown keys and values of the
+wrong type are refused with a message naming the key.
 Defaults are the GPT-2 124M FineWeb-Edu recipe (GPT-3 paper appendix, as build-nanogpt uses it).
 """
 
@@ -114,7 +115,9 @@ def field_groups():
 def help_text(column=34):
     """Every key with its default and help, the help in one column (a longer flag puts it on the next line)."""
     helps = field_help()
-    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]", "", "keys (default):"]
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]", "",
+             "Config files apply left to right; --key=value flags override them wherever they stand.", "",
+             "keys (default):"]
     for group, keys in field_groups():
         lines.append(f"  {group}:")
         for key in keys:
@@ -194,10 +197,14 @@ def read_config_file(path):
 
 
 def load_config(argv):
-    """Build a TrainConfig from config files, then --key=value flags, in the order given."""
+    """Build a TrainConfig from config files (left to right), then --key=value flags (left to right).
+
+    Flags win wherever they stand: `--max_steps=10 configs/shakespeare.py` runs 10 steps."""
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    files = [arg for arg in argv if not arg.startswith("-")]
+    flags = [arg for arg in argv if arg.startswith("-")]
     values = {}
-    for arg in argv:
+    for arg in files + flags:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             source = f"flag '{arg}'"
