@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from data.shards import atomic_write
+from data.tokenizer import N_VOCAB
 
 
 class ConfigError(Exception):
@@ -250,6 +251,10 @@ def check_config(config):
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
+    if config.sample_tokens > 0 and config.vocab_size < N_VOCAB:
+        raise ConfigError(f"--vocab_size={config.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB} tokens, "
+                          f"so the sample prompt cannot be encoded for this model: raise vocab_size to 50304 (the "
+                          f"default), or turn samples off with --sample_tokens=0.")
     if config.hellaswag and config.parallel == "fsdp":
         # the ranks score different numbers of examples, and each forward of a sharded model is collective
         raise ConfigError("--hellaswag is not available with --parallel=fsdp during training: drop it, and score a "
