@@ -261,6 +261,25 @@ def check_config(config):
                           "checkpoint with scripts/eval.py instead.")
 
 
+def plan_warnings(config, train_tokens=None):
+    """`warning:` lines about a config that runs but probably not as meant; train_tokens: the train split's size."""
+    warnings = []
+    if config.warmup_steps >= config.max_steps:
+        peak = min(1.0, config.max_steps / config.warmup_steps)  # the lr of the last step, as a share of the peak
+        warnings.append(
+            f"warning: warmup_steps ({config.warmup_steps}) >= max_steps ({config.max_steps}): the learning rate is "
+            f"still warming up at the last step ({100 * peak:.0f}% of learning_rate) and never decays; set "
+            f"--warmup_steps={max(1, config.max_steps // 10)} (a tenth of max_steps) or lower.")
+    planned = config.max_steps * config.total_batch_size
+    if train_tokens and planned > train_tokens:
+        warnings.append(
+            f"warning: this run plans {planned:,} tokens (max_steps * total_batch_size = {config.max_steps:,} * "
+            f"{config.total_batch_size:,}) but the train split holds {train_tokens:,}: about "
+            f"{planned / train_tokens:,.{1 if planned < 10 * train_tokens else 0}f} passes over the same text (repeated text is soon memorized, and val loss "
+            f"rises); if that is not meant, lower --max_steps or prepare more text.")
+    return warnings
+
+
 def config_to_dict(config):
     return dataclasses.asdict(config)
 

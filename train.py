@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
 from checks import fail, hold_out_dir, reported_as_errors
-from config import ConfigError, config_to_dict, format_config, help_text, load_config, save_config
+from config import ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings, save_config
 from configure_optimizers import configure_adamw, configure_muon
-from data.loader import DataError, DataLoader
+from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
 from distributed import all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
 from evaluate import HellaSwagError, evaluate_hellaswag, load_hellaswag
@@ -160,6 +160,8 @@ def train(config, info):
     logger.print(format_config(config))
     logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
                  f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
+    for warning in plan_warnings(config, train_tokens=sum(tokens.size for tokens in train_loader.tokens)):
+        logger.print(warning)
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
@@ -228,7 +230,12 @@ def main(argv=None):
     if config.dry_run:
         if env_rank() == 0:
             print("\n".join([format_config(config),
-                             *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]))
+                             *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]), flush=True)
+        with reported_as_errors(DataError):  # the shards a run would read: the same error line as a real run
+            tokens = split_tokens(config.data_dir)
+        if env_rank() == 0:
+            print("\n".join([f"data: {config.data_dir} holds {tokens['train']:,} train and {tokens['val']:,} val tokens",
+                             *plan_warnings(config, train_tokens=tokens["train"])]))
         return 0
     keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
     try:

@@ -1,4 +1,4 @@
-"""MFU against a hand count, --dry_run without data, scripts/plot.py and scripts/bench.py on tiny runs."""
+"""MFU against a hand count, --dry_run and its data check and warnings, the step line and end-of-run summary, scripts/plot.py and scripts/bench.py on tiny runs."""
 
 import os
 import re
@@ -58,20 +58,75 @@ def test_cpu_run_logs_null_mfu_and_plot_draws_two_runs(token_dir, tmp_path):
     assert os.path.getsize(png) > 10_000
 
 
-def test_dry_run_prints_the_numbers_and_exits_without_data(tmp_path):
+def dry_run(capsys, *flags):
+    """(exit code, stdout, stderr) of train.main([... --dry_run]) in this process."""
+    capsys.readouterr()
+    try:
+        code = train.main([*TINY_MODEL, "--batch_size=4", "--total_batch_size=512", "--dry_run", *flags])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_dry_run_prints_the_numbers_and_the_data_without_training(token_dir, tmp_path, capsys):
     out = tmp_path / "never"
-    flags = [*TINY_MODEL, "--vocab_size=512", "--batch_size=4", "--total_batch_size=512", "--max_steps=7",
-             f"--data_dir={tmp_path / 'missing'}", f"--out_dir={out}", "--dry_run"]
-    result = run_python(["train.py", *flags])
-    assert result.returncode == 0, result.stderr
-    real = GPT(train.model_config(train.load_config(flags))).num_params()
-    assert f"parameters: {real:,}" in result.stdout
-    assert "grad_accum_steps: 4" in result.stdout  # 512 / (4 * 32)
-    assert "total tokens: 3,584" in result.stdout  # 512 * 7
-    assert re.search(r"FLOPs per step: [\d.e+]+", result.stdout)
+    flags = ["--vocab_size=512", "--sample_tokens=0", "--max_steps=7", f"--data_dir={token_dir}", f"--out_dir={out}"]
+    code, stdout, _ = dry_run(capsys, *flags)
+    assert code == 0
+    real = GPT(train.model_config(train.load_config([*TINY_MODEL, *flags]))).num_params()
+    assert f"parameters: {real:,}" in stdout
+    assert "grad_accum_steps: 4" in stdout  # 512 / (4 * 32)
+    assert "total tokens: 3,584" in stdout  # 512 * 7
+    assert re.search(r"FLOPs per step: [\d.e+]+", stdout)
     memory = r"weights [\d.]+ GiB, gradients [\d.]+ GiB, optimizer state [\d.]+ GiB, activations [\d.]+ GiB"
-    assert re.search(memory, result.stdout)
+    assert re.search(memory, stdout)
+    assert f"data: {token_dir} holds 12,000 train and 3,000 val tokens" in stdout  # conftest's shards
+    assert "warning: warmup_steps (715) >= max_steps (7)" in stdout  # the default warmup
+    assert "passes" not in stdout  # 3,584 tokens of 12,000
     assert not out.exists()
+
+
+def test_dry_run_warns_of_a_warmup_past_the_end_and_of_repeated_data(token_dir, capsys):
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--max_steps=50", "--warmup_steps=715")
+    assert code == 0
+    assert ("warning: warmup_steps (715) >= max_steps (50): the learning rate is still warming up at the last step "
+            "(7% of learning_rate)") in out and "set --warmup_steps=5" in out
+    # 50 * 512 = 25,600 tokens planned over 12,000 train tokens
+    assert "plans 25,600 tokens" in out and "holds 12,000: about 2.1 passes" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--max_steps=20", "--warmup_steps=2")
+    assert code == 0 and "warning" not in out  # 10,240 tokens, warmup well inside the run
+
+
+def test_dry_run_without_data_ends_with_the_error_a_run_gives(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    code, out, err = dry_run(capsys, f"--data_dir={missing}")
+    assert code == 2 and "total tokens:" in out  # the report first, then the data check
+    run_code, _, run_err = dry_run(capsys, f"--data_dir={missing}", "--dry_run=false", f"--out_dir={tmp_path}/out")
+    assert run_code == 2 and err == run_err
+    assert err.startswith(f"error: no manifest.json in '{missing}'") and "Traceback" not in err
+
+
+def test_raw_text_as_data_dir_gets_a_prepare_command_with_a_new_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("my_texts/more")
+    for name in ("my_texts/a.txt", "my_texts/more/b.txt"):
+        with open(name, "w") as f:
+            f.write("Some text.\n")
+    with open("notes.jsonl", "w") as f:
+        f.write('{"text": "Some text."}\n')
+    expected = {
+        "my_texts/": ("holds raw text (2 .txt files)", "--source my_texts/ --out data/my_texts_tokens"),
+        "notes.jsonl": ("is a .jsonl file of raw text", "--source notes.jsonl --out data/notes_tokens"),
+        ".": ("holds raw text (3 .jsonl/.txt files)", f"--source . --out ../{tmp_path.name}_tokens"),
+    }
+    for data_dir, (what, command) in expected.items():
+        for mode in ("--dry_run", "--dry_run=false"):  # the same line before a real run and in a dry one
+            code, _, err = dry_run(capsys, f"--data_dir={data_dir}", mode, "--out_dir=out", "--device=cpu",
+                                   "--wandb_mode=disabled")
+            assert code == 2 and err.startswith(f"error: --data_dir={data_dir} {what}, not tokenized shards"), err
+            assert f"python data/prepare.py {command}\n" in err and "Traceback" not in err
+    assert sorted(os.listdir(".")) == ["my_texts", "notes.jsonl"]  # the refused runs left no out/ behind
 
 
 def test_bench_prints_tokens_per_second_on_a_tiny_config(tmp_path):
