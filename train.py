@@ -6,7 +6,9 @@
     python train.py --help                                       # every key, its default and help
 """
 
+import contextlib
 import os
+import shutil
 import sys
 import time
 
@@ -15,6 +17,7 @@ from safetensors import SafetensorError
 
 from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
+from checkpoint_files import list_checkpoints
 from checks import fail, hold_out_dir, reported_as_errors
 from config import ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings, save_config
 from configure_optimizers import configure_adamw, configure_muon
@@ -216,6 +219,30 @@ def train(config, info):
     return raw_model
 
 
+def folders_to_create(path):
+    """The folders os.makedirs(path) would create, outermost first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+@contextlib.contextmanager
+def removed_if_refused(out_dir, created):
+    """A run that ends before its first metrics line or checkpoint removes the folders it created (still
+    holding the lock); a folder that existed before is never removed, nor anything in it."""
+    try:
+        yield
+    except BaseException:
+        if created and not os.path.exists(os.path.join(out_dir, "metrics.jsonl")) and not list_checkpoints(out_dir):
+            shutil.rmtree(created[-1], ignore_errors=True)
+            for folder in reversed(created[:-1]):  # parents made on the way, unless another run put files there
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        raise
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -241,8 +268,10 @@ def main(argv=None):
     try:
         with reported_as_errors(ConfigError, DataError, NonFiniteError, out_dir=config.out_dir):
             info = setup_distributed(config.device)
+            created = folders_to_create(config.out_dir) if info.is_master else []
             with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
-                train(config, info)
+                with removed_if_refused(config.out_dir, created):
+                    train(config, info)
                 barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
         teardown_distributed()
