@@ -27,7 +27,7 @@ from distributed import all_reduce_sum, barrier, env_rank, setup_distributed, te
 from evaluate import HellaSwagError, evaluate_hellaswag, load_hellaswag
 from guards import NonFiniteError, NonFiniteGuard, StopSignal
 from hf_interop import import_hf, mismatched_keys
-from logger import Logger
+from logger import Logger, Progress, run_summary
 from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
 from model import GPT, GPTConfig
 from parallel import ShardedMuon, wrap_model
@@ -123,7 +123,7 @@ def generate_sample(model, config, device, step):
     return decode(out[0].tolist())
 
 
-def train(config, info):
+def train(config, info, argv=()):
     grad_accum_steps = grad_accum_steps_for(config, info.world_size)
     device_type = info.device_type
     log = print if info.is_master else (lambda *args, **kwargs: None)
@@ -158,7 +158,7 @@ def train(config, info):
         save_config(config, os.path.join(config.out_dir, "config.json"))
     logger = Logger(config.out_dir, enabled=info.is_master, wandb_mode=config.wandb_mode,
                     wandb_project=config.wandb_project, wandb_run_name=config.wandb_run_name,
-                    config=config_to_dict(config), wandb_run_id=checkpoints.wandb_run_id)
+                    config=config_to_dict(config), wandb_run_id=checkpoints.wandb_run_id, max_steps=config.max_steps)
     checkpoints.wandb_run_id = logger.wandb_run_id
     logger.print(format_config(config))
     logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
@@ -171,7 +171,8 @@ def train(config, info):
     stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
-    window_start = None
+    window_start, step, stopping = None, start_step, False
+    progress = Progress(started, start_step, config.max_steps)  # elapsed time and ETA on each step's line
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
         stopping = stop.requested(step)
@@ -213,8 +214,12 @@ def train(config, info):
             window_start = None
             logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt,
-                        "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size)})
+                        "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size),
+                        **progress.at(step)})
     stop.close()
+    stopped_by = (stop.received or "a signal on another rank") if stopping else None
+    for line in run_summary(config, argv, time.time() - started, step, stopped_by, can_sample=config.sample_tokens > 0):
+        logger.print(line)
     logger.finish()
     return raw_model
 
@@ -271,7 +276,7 @@ def main(argv=None):
             created = folders_to_create(config.out_dir) if info.is_master else []
             with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
                 with removed_if_refused(config.out_dir, created):
-                    train(config, info)
+                    train(config, info, argv)
                 barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
         teardown_distributed()

@@ -1,14 +1,20 @@
 """MFU against a hand count, --dry_run and its data check and warnings, the step line and end-of-run summary, scripts/plot.py and scripts/bench.py on tiny runs."""
 
+import importlib
 import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import train
 from metrics import device_peak_flops, meta_model, model_flops_per_token, mfu, peak_flops_for
 from model import GPT
-from tests.conftest import TINY_MODEL, read_metrics, run_python, tiny_args
+from tests.conftest import ROOT, TINY_MODEL, read_metrics, run_python, tiny_args
 
 
 def hand_flops_per_token(n_layer, n_embd, block_size, vocab_size):
@@ -127,6 +133,83 @@ def test_raw_text_as_data_dir_gets_a_prepare_command_with_a_new_folder(tmp_path,
             assert code == 2 and err.startswith(f"error: --data_dir={data_dir} {what}, not tokenized shards"), err
             assert f"python data/prepare.py {command}\n" in err and "Traceback" not in err
     assert sorted(os.listdir(".")) == ["my_texts", "notes.jsonl"]  # the refused runs left no out/ behind
+
+
+def summary_command(printed, name):
+    """The argv of the summary's `name:` command, with `python` as this interpreter (the user's python)."""
+    line = next(line for line in printed.splitlines() if line.startswith(f"  {name}:"))
+    argv = shlex.split(line.split(":", 1)[1])
+    return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models in one thread: with the cores busy, two threads of small ops wait on each other (sampling
+    200 tokens took 15x longer with 2 threads than with 1 on the shared 2-core dev box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands_run(token_dir, tmp_path, capsys,
+                                                                                     one_thread):
+    out = str(tmp_path / "run")
+    args = tiny_args(token_dir, out, "--max_steps=3", "--eval_interval=2", "--warmup_steps=5")
+    capsys.readouterr()
+    train.main(args)
+    printed = capsys.readouterr().out
+    assert "warning: warmup_steps (5) >= max_steps (3)" in printed  # printed before the run, too
+    assert re.search(r"^step +0/3 \| loss [\d.]+ \| .* \| elapsed \d+s \| eta \d+s \| mfu n/a$", printed, re.MULTILINE)
+    elapsed = [m["elapsed_s"] for m in read_metrics(out) if "loss" in m]
+    assert len(elapsed) == 3 and 0 < elapsed[0] < elapsed[1] < elapsed[2]
+    summary = printed[printed.index("run finished at step 3/3 in "):]
+    assert "tokens seen: 768 (3 steps of 256)" in summary
+    vals = [(m["step"], m["val_loss"]) for m in read_metrics(out) if "val_loss" in m]  # steps 0, 2, 3
+    best_step, best = min(vals, key=lambda v: v[1])
+    kept = f"{out}/best_{best_step:06d}.pt" if best_step else "no checkpoint kept at that step"
+    assert f"val loss: final {vals[-1][1]:.4f} (step 3), best {best:.4f} (step {best_step}, {kept})" in summary
+    assert f"out_dir: {out}" in summary
+    # the commands as printed, from this folder: plot in a process of its own (the interpreter's path runs),
+    # sample and export through their main() in this one (no second torch start-up)
+    plot = subprocess.run(summary_command(summary, "plot"), capture_output=True, text=True, timeout=300)
+    assert plot.returncode == 0, plot.stderr
+    with open(os.path.join(out, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name, check in (("sample", f"loaded {out}/ckpt_000003.pt"), ("export", "wrote")):
+        argv = summary_command(summary, name)
+        assert os.path.samefile(argv[1], os.path.join(ROOT, "scripts", f"{'export_hf' if name == 'export' else name}.py"))
+        module = importlib.import_module(f"scripts.{os.path.splitext(os.path.basename(argv[1]))[0]}")
+        capsys.readouterr()
+        assert module.main(argv[2:]) == 0
+        assert check in "".join(capsys.readouterr())
+    assert os.path.isfile(os.path.join(out, "hf", "model.safetensors"))
+    again = summary_command(summary, "continue")
+    assert again[1] == "train.py" and again[-2:] == ["--resume=auto", "--max_steps=6"]
+    train.main(again[2:])  # in this process: the same flags, resumed at step 3
+    printed = capsys.readouterr().out
+    assert f"resumed from {out}/ckpt_000003.pt at step 3" in printed and "run finished at step 6/6" in printed
+
+
+def test_a_run_stopped_by_a_signal_ends_with_the_summary(token_dir, tmp_path, capsys, monkeypatch, one_thread):
+    from logger import Progress
+
+    at = Progress.at
+
+    def at_then_sigterm(self, step):  # as if the user pressed Ctrl-C or the job was preempted after step 1
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return at(self, step)
+
+    monkeypatch.setattr(Progress, "at", at_then_sigterm)
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    train.main(tiny_args(token_dir, out, "--max_steps=50", "--eval_interval=100"))
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("run stopped by SIGTERM at step 2/50 in "):]
+    assert "tokens seen: 512 (2 steps of 256)" in summary
+    assert summary_command(summary, "continue")[-2:] == ["--resume=auto", "--max_steps=50"]  # its own end
+    assert summary_command(summary, "export")[2] == f"{out}/ckpt_000002.pt"
 
 
 def test_bench_prints_tokens_per_second_on_a_tiny_config(tmp_path):
