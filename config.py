@@ -272,11 +272,12 @@ def plan_warnings(config, train_tokens=None):
             f"--warmup_steps={max(1, config.max_steps // 10)} (a tenth of max_steps) or lower.")
     planned = config.max_steps * config.total_batch_size
     if train_tokens and planned > train_tokens:
+        passes = planned / train_tokens
         warnings.append(
             f"warning: this run plans {planned:,} tokens (max_steps * total_batch_size = {config.max_steps:,} * "
             f"{config.total_batch_size:,}) but the train split holds {train_tokens:,}: about "
-            f"{planned / train_tokens:,.{1 if planned < 10 * train_tokens else 0}f} passes over the same text (repeated text is soon memorized, and val loss "
-            f"rises); if that is not meant, lower --max_steps or prepare more text.")
+            f"{passes:,.{1 if passes < 10 else 0}f} passes over the same text (repeated text is soon memorized, "
+            f"and val loss rises); if that is not meant, lower --max_steps or prepare more text.")
     return warnings
 
 

@@ -245,7 +245,8 @@ def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=Tr
     lines += [
         "next:",
         f"  sample:   {python} {script('scripts', 'sample.py')} {where}{prompt} --tokens=200",
-        f"  plot:     {python} {script('scripts', 'plot.py')} {where} --out {shlex.quote(os.path.join(out_dir, 'loss.png'))}",
+        f"  plot:     {python} {script('scripts', 'plot.py')} {where} "
+        f"--out {shlex.quote(os.path.join(out_dir, 'loss.png'))}",
         f"  export:   {python} {script('scripts', 'export_hf.py')} {shlex.quote(newest)} "
         f"{shlex.quote(os.path.join(out_dir, 'hf'))}",
         # a stopped run goes on to its own max_steps; a finished one trains as long again

@@ -266,8 +266,8 @@ def main(argv=None):
         with reported_as_errors(DataError):  # the shards a run would read: the same error line as a real run
             tokens = split_tokens(config.data_dir)
         if env_rank() == 0:
-            print("\n".join([f"data: {config.data_dir} holds {tokens['train']:,} train and {tokens['val']:,} val tokens",
-                             *plan_warnings(config, train_tokens=tokens["train"])]))
+            print("\n".join([f"data: {config.data_dir} holds {tokens['train']:,} train and {tokens['val']:,} val "
+                             f"tokens", *plan_warnings(config, train_tokens=tokens["train"])]))
         return 0
     keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
     try:

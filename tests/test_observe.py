@@ -1,4 +1,5 @@
-"""MFU against a hand count, --dry_run and its data check and warnings, the step line and end-of-run summary, scripts/plot.py and scripts/bench.py on tiny runs."""
+"""MFU against a hand count, --dry_run (its data check and warnings), the step line and the end-of-run
+summary, scripts/plot.py and scripts/bench.py on tiny runs."""
 
 import importlib
 import os
@@ -178,7 +179,8 @@ def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for name, check in (("sample", f"loaded {out}/ckpt_000003.pt"), ("export", "wrote")):
         argv = summary_command(summary, name)
-        assert os.path.samefile(argv[1], os.path.join(ROOT, "scripts", f"{'export_hf' if name == 'export' else name}.py"))
+        script = f"{'export_hf' if name == 'export' else name}.py"
+        assert os.path.samefile(argv[1], os.path.join(ROOT, "scripts", script))
         module = importlib.import_module(f"scripts.{os.path.splitext(os.path.basename(argv[1]))[0]}")
         capsys.readouterr()
         assert module.main(argv[2:]) == 0
