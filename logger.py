@@ -9,6 +9,7 @@ import math
 import netrc
 import os
 import shlex
+import shutil
 import sys
 import time
 from urllib.parse import urlsplit
@@ -108,19 +109,23 @@ def format_line(metrics, max_steps=None):
 
 
 class Progress:
-    """Seconds since the run started, and the seconds left at this process's mean time per step so far
-    (evaluations and checkpoints included, so the estimate is of the wall time)."""
+    """Seconds since the run started, and the seconds left: the first logged step's time per step, then the
+    mean time per step since it (evaluations and checkpoints included, so the estimate is of the wall time;
+    the first step, the first evaluation and compilation left out)."""
 
-    def __init__(self, run_started, start_step, max_steps):
-        self.run_started, self.loop_started = run_started, time.time()
-        self.start_step, self.max_steps = start_step, max_steps
+    def __init__(self, run_started, max_steps):
+        self.run_started, self.max_steps = run_started, max_steps
+        self.first = None  # (time, step) when the first logged step was done
 
-    def at(self, step):
-        """{'elapsed_s', 'eta_s'} after step `step` is done."""
+    def at(self, step, step_seconds):
+        """{'elapsed_s', 'eta_s'} after step `step` is done; step_seconds: its own time."""
         now = time.time()
-        per_step = (now - self.loop_started) / (step + 1 - self.start_step)
+        if self.first is None:
+            self.first = (now, step)
+        if step > self.first[1]:
+            step_seconds = (now - self.first[0]) / (step - self.first[1])
         return {"elapsed_s": round(now - self.run_started, 3),
-                "eta_s": round(per_step * (self.max_steps - step - 1), 3)}
+                "eta_s": round(step_seconds * (self.max_steps - step - 1), 3)}
 
 
 class Logger:
@@ -188,15 +193,24 @@ class Logger:
             self.wandb = None
 
 
+def short_path(path):
+    """`path` from the current folder when it lies inside it, else absolute; quoted for a shell."""
+    relative = os.path.relpath(path)
+    return shlex.quote(os.path.abspath(path) if relative.startswith("..") else relative)
+
+
 def python_command():
-    """How to start this Python from the current folder: a venv's path inside it (.venv/bin/python), else python."""
-    relative = os.path.relpath(sys.executable)
-    return "python" if relative.startswith("..") or os.path.isabs(relative) else relative
+    """This interpreter as the user can type it: `python` when that is the one on PATH (an activated venv),
+    else its path (.venv/bin/python)."""
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+        return "python"
+    return short_path(sys.executable)
 
 
 def script(*parts):
     """A file of this repository, as a path from the current folder, quoted for a shell."""
-    return shlex.quote(os.path.relpath(os.path.join(ROOT, *parts)))
+    return short_path(os.path.join(ROOT, *parts))
 
 
 def val_losses(out_dir):

@@ -172,7 +172,7 @@ def train(config, info, argv=()):
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
     window_start, step, stopping = None, start_step, False
-    progress = Progress(started, start_step, config.max_steps)  # elapsed time and ETA on each step's line
+    progress = Progress(started, config.max_steps)  # elapsed time and ETA on each step's line
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
         stopping = stop.requested(step)
@@ -215,7 +215,7 @@ def train(config, info, argv=()):
             logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt,
                         "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size),
-                        **progress.at(step)})
+                        **progress.at(step, dt)})
     stop.close()
     stopped_by = (stop.received or "a signal on another rank") if stopping else None
     for line in run_summary(config, argv, time.time() - started, step, stopped_by, can_sample=config.sample_tokens > 0):

@@ -193,15 +193,28 @@ def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands
     assert f"resumed from {out}/ckpt_000003.pt at step 3" in printed and "run finished at step 6/6" in printed
 
 
+def test_eta_counts_from_the_first_logged_step(monkeypatch):
+    """The first step (with the evaluation before it, or compilation) is slow: the ETA uses its own time
+    only until the mean over later steps exists."""
+    import logger
+
+    clock = iter([100.0, 130.0, 134.0])
+    monkeypatch.setattr(logger.time, "time", lambda: next(clock))
+    progress = logger.Progress(run_started=40.0, max_steps=10)
+    assert progress.at(0, step_seconds=2.0) == {"elapsed_s": 60.0, "eta_s": 18.0}  # 9 steps left at 2 s
+    assert progress.at(1, step_seconds=30.0) == {"elapsed_s": 90.0, "eta_s": 240.0}  # 30 s since step 0, 8 left
+    assert progress.at(3, step_seconds=1.0) == {"elapsed_s": 94.0, "eta_s": 68.0}  # (134 - 100) / 3 s, 6 left
+
+
 def test_a_run_stopped_by_a_signal_ends_with_the_summary(token_dir, tmp_path, capsys, monkeypatch, one_thread):
     from logger import Progress
 
     at = Progress.at
 
-    def at_then_sigterm(self, step):  # as if the user pressed Ctrl-C or the job was preempted after step 1
+    def at_then_sigterm(self, step, step_seconds):  # as if the job were preempted after step 1
         if step == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return at(self, step)
+        return at(self, step, step_seconds)
 
     monkeypatch.setattr(Progress, "at", at_then_sigterm)
     out = str(tmp_path / "run")
