@@ -1,6 +1,9 @@
 # make train: set up .venv, tokenize the bundled corpus, train the quickstart model (CPU is fine)
 # make test:  set up .venv with the test dependencies and run the whole suite
+# make train TORCH_INDEX=https://download.pytorch.org/whl/cpu   torch from that wheel index (here PyTorch's
+#             CPU-only build) instead of PyPI's, which on Linux is the CUDA build with gigabytes of CUDA libraries
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 SHAKESPEARE_TOKENS := data/shakespeare_tokens
@@ -10,6 +13,7 @@ SHAKESPEARE_TOKENS := data/shakespeare_tokens
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "$$(grep '^torch==' requirements.txt)")
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 

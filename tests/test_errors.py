@@ -110,6 +110,7 @@ CASES = [  # (extra flags, with {data}/{out} filled in, what is done to the file
     ([], damage_manifest_other, "is not a manifest that data/prepare.py writes"),
     ([], damage_shard_dtype, "int32 tokens, manifest.json says"),
     (["--vocab_size=32", "--resume=never", "--out_dir={out}/new"], None, "holds token id 6"),
+    (["--vocab_size=128", "--sample_tokens=8"], None, "--vocab_size=128 is smaller than the GPT-2 tokenizer's 50257"),
     (["--init_from={out}/hf", "--out_dir={out}/new"], damage_gpt2_folder, "is not a GPT-2 folder that can be read"),
     (["--resume={out}/notes.pt"], damage_resume_text, "not a checkpoint: train.py writes ckpt_STEP.pt"),
     (["--out_dir={out}/config.json/sub"], None, "cannot create or write --out_dir"),
