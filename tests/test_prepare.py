@@ -170,3 +170,19 @@ def test_bad_sources_are_one_error_line(tmp_path, capsys, files, message):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_local_text_without_the_datasets_library_gives_the_same_shards(tmp_path, monkeypatch, kind):
+    """.txt and .jsonl need no `datasets` (a GPU image may lack it): byte for byte what its builders give."""
+    docs = DOCS[:20] + ["two lines\r\nwith a windows break\n", "", "  trailing spaces and a tab\t\n\n"]
+    source = write_source(tmp_path, kind, docs)
+    prepare(source, str(tmp_path / "with"), shard_size=500, val_tokens=200, workers=1, progress=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError):
+        import datasets  # noqa: F401
+    prepare(source, str(tmp_path / "without"), shard_size=500, val_tokens=200, workers=1, progress=False)
+    names = sorted(os.listdir(tmp_path / "with"))
+    assert names == sorted(os.listdir(tmp_path / "without"))
+    for name in names:
+        assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes(), name
