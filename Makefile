@@ -1,11 +1,12 @@
 # make train: set up .venv, tokenize the bundled corpus, train the quickstart model (CPU is fine)
 # make test:  set up .venv with the test dependencies and run the whole suite
+# make gpu-check: the GPU check (docs/gpu_check.md) into GPU_CHECK_OUT; NO_VENV=1 runs it with $(PYTHON)'s own packages
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SHAKESPEARE_TOKENS := data/shakespeare_tokens
 
-.PHONY: train data test venv clean
+.PHONY: train data test venv clean gpu-check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,16 @@ train: data
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
+
+GPU_CHECK_OUT ?= out/gpu_check
+GPU_CHECK_ARGS ?=
+ifeq ($(NO_VENV),1)
+gpu-check:  # a machine whose Python already has torch, numpy, tiktoken, safetensors and pytest (no network needed)
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+else
+gpu-check: $(VENV)/.installed-dev
+	$(PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(SHAKESPEARE_TOKENS) out

@@ -246,7 +246,7 @@ def plan(check):
             f"--bench_warmup={s['bench_warmup']}", "--bench_json"], parse_bench))
     run = check.train_args(
         batch, f"--total_batch_size={s['run_total_batch_size']}", f"--data_dir={check.tokens}",
-        f"--out_dir={check.run_dir}", f"--learning_rate={s['learning_rate']}", f"--min_lr={s['learning_rate'] / 10}",
+        f"--out_dir={check.run_dir}", f"--learning_rate={s['learning_rate']}", f"--min_lr={s['learning_rate'] / 10:g}",
         f"--warmup_steps={s['warmup_steps']}", f"--eval_interval={s['max_steps']}", f"--eval_iters={s['eval_iters']}",
         f"--checkpoint_interval={s['max_steps'] // 2}", "--hellaswag=True", f"--hellaswag_path={check.hellaswag_path}",
         f"--sample_tokens={s['sample_tokens']}", "--sample_prompt=ROMEO:")
@@ -333,7 +333,7 @@ def percent(value):
 
 def markdown(report):
     env = report["environment"]
-    lines = [f"# GPU check {'(--tiny, CPU)' if report['tiny'] else ''}", "",
+    lines = ["# GPU check" + (" (--tiny, CPU)" if report["tiny"] else ""), "",
              f"{report['started']} | commit {report['commit']} | {env.get('device')} | driver {env.get('driver')} | "
              f"torch {env.get('torch')} | CUDA {env.get('cuda')} | cuDNN {env.get('cudnn')} | Python "
              f"{env.get('python')} | {env.get('cpu')} x {env.get('cpu_count')} | host {env.get('hostname')}", "",

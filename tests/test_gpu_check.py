@@ -77,9 +77,8 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
     assert [(b["optimizer"], b["parallel"]) for b in bench] == [("adamw", "ddp"), ("adamw", "fsdp"),
                                                                  ("muon", "ddp"), ("muon", "fsdp")]
     for b in bench:
-        assert b["tokens_per_sec"] > 0 and b["memory_gib"] > 0 and b["dry_run_estimate_gib"] > 0
-    estimates = parts["dry_run"]["results"]
-    assert estimates["ddp_estimate_gib"] > 0 and estimates["fsdp_estimate_gib"] > 0
+        assert b["tokens_per_sec"] > 0 and b["memory_gib"] > 0
+        assert b["dry_run_estimate_gib"] == parts["dry_run"]["results"][f"{b['parallel']}_estimate_gib"] >= 0
     assert parts["hellaswag"]["results"]["batched_examples_per_sec"] > 0
     assert parts["hellaswag"]["results"]["same_scores"] is True  # float32 on CPU: both scorers agree exactly
     run, resume = parts["run"]["results"], parts["resume"]["results"]
