@@ -142,7 +142,14 @@ class Logger:
         mode = resolve_wandb_mode(wandb_mode)
         if mode == "disabled":
             return
-        import wandb
+        try:
+            import wandb
+        except ImportError:  # optional: a machine without it logs to stdout and metrics.jsonl
+            if wandb_mode != "auto":
+                raise ConfigError(f"--wandb_mode={wandb_mode} needs wandb, which is not installed: pip install wandb, "
+                                  f"or use --wandb_mode=disabled.") from None
+            self.print("wandb is not installed: logging to stdout and metrics.jsonl only")
+            return
 
         def start(mode):
             # resume="allow": continue the stored run id when there is one, else start that id afresh

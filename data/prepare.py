@@ -15,6 +15,7 @@ identical whatever --workers, and a killed run re-run with the same arguments sk
 """
 
 import argparse
+import itertools
 import json
 import bisect
 import os
@@ -59,16 +60,55 @@ def local_files(source):
     return kinds.pop(), files
 
 
+class LocalDocuments:
+    """Local .txt/.jsonl files read without `datasets` (optional for them): the documents and order of its text
+    builder (one document a file) and json builder, as batches of columns like its `iter`."""
+
+    column_names = None  # rows keep every field; document_batches picks the text one
+
+    def __init__(self, builder, files):
+        self.builder, self.files = builder, files
+
+    def rows(self):
+        for path in self.files:
+            with open(path, encoding="utf-8") as f:
+                if self.builder == "text":
+                    yield {"text": f.read()}
+                    continue
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError:
+                            raise PrepareError(f"{path} line {number} is not JSON. Fix or remove that file.") from None
+
+    def iter(self, batch_size):
+        rows = self.rows()
+        while batch := list(itertools.islice(rows, batch_size)):
+            keys = dict.fromkeys(key for row in batch for key in row)
+            yield {key: [row.get(key) for row in batch] for key in keys}
+
+
 def open_source(source, name=None, split="train"):
     """A streaming `datasets` dataset for a local path or a Hugging Face dataset id."""
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
     if os.path.exists(source):
         builder, files = local_files(source)
+        if datasets is None:
+            if not all(f.endswith((".txt", ".jsonl")) for f in files):
+                raise PrepareError(f"{source}: reading .json or .parquet needs the datasets library: pip install "
+                                   f"datasets, or give .txt or .jsonl files.")
+            return LocalDocuments(builder, files)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
     if source.startswith((os.sep, ".", "~")) or os.path.splitext(source)[1] in LOCAL_BUILDERS:
         raise PrepareError(f"{source}: no such file or folder (a Hugging Face dataset id looks like owner/name).")
+    if datasets is None:
+        raise PrepareError(f"'{source}' is a Hugging Face dataset id, which needs the datasets library: pip install "
+                           f"datasets, or give local .txt/.jsonl files as --source.")
     check_hub(source)
     try:
         return datasets.load_dataset(source, name=name, split=split, streaming=True)

@@ -273,3 +273,19 @@ def test_other_options_on_a_folder_with_finished_shards_are_refused(tmp_path, mo
     (tmp_path / "out" / "train_000009.npy.tmp").write_bytes(b"cut short")
     prepare(source, out, shard_size=1000, workers=1, progress=False)  # the same options: prepared again
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference) + ["notes.txt"])
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_local_text_without_the_datasets_library_gives_the_same_shards(tmp_path, monkeypatch, kind):
+    """.txt and .jsonl need no `datasets` (a GPU image may lack it): byte for byte what its builders give."""
+    docs = DOCS[:20] + ["two lines\r\nwith a windows break\n", "", "  trailing spaces and a tab\t\n\n"]
+    source = write_source(tmp_path, kind, docs)
+    prepare(source, str(tmp_path / "with"), shard_size=500, val_tokens=200, workers=1, progress=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError):
+        import datasets  # noqa: F401
+    prepare(source, str(tmp_path / "without"), shard_size=500, val_tokens=200, workers=1, progress=False)
+    names = sorted(os.listdir(tmp_path / "with"))
+    assert names == sorted(os.listdir(tmp_path / "without"))
+    for name in names:
+        assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes(), name
