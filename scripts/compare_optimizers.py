@@ -236,7 +236,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    started = time.time()
+    started, commit = time.time(), git_commit()  # the commit that ran, not one made while it ran
     os.makedirs(args.out, exist_ok=True)
     threads = 1 if args.jobs > 1 else None
     lrs = {"adamw": args.adamw_lrs, "muon": args.muon_lrs}
@@ -263,7 +263,7 @@ def main(argv=None):
     finals = {opt: [entry(tuned[(opt, seed)])["final_val_loss"] for seed in args.seeds] for opt in lrs}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": commit,
         "command": " ".join(["python", "scripts/compare_optimizers.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}, {os.cpu_count()} CPUs",
         "model": f"{args.n_layer} layers x {args.n_embd} ({args.n_head} heads), block {args.block_size}, "
