@@ -1,15 +1,20 @@
 # make train: set up .venv, tokenize the bundled corpus, train the quickstart model (CPU is fine)
 # make test:  set up .venv with the test dependencies and run the whole suite
+# make train TORCH_INDEX=https://download.pytorch.org/whl/cpu   torch from that wheel index (here PyTorch's
+#             CPU-only build) instead of PyPI's, which on Linux is the CUDA build with gigabytes of CUDA libraries
+# make gpu-check: the GPU check (docs/gpu_check.md) into GPU_CHECK_OUT; NO_VENV=1 runs it with $(PYTHON)'s own packages
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 SHAKESPEARE_TOKENS := data/shakespeare_tokens
 
-.PHONY: train data test venv clean
+.PHONY: train data test venv clean gpu-check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "$$(grep '^torch==' requirements.txt)")
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
@@ -30,6 +35,16 @@ train: data
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
+
+GPU_CHECK_OUT ?= out/gpu_check
+GPU_CHECK_ARGS ?=
+ifeq ($(NO_VENV),1)
+gpu-check:  # a machine whose Python already has torch, numpy, tiktoken, safetensors and pytest (no network needed)
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+else
+gpu-check: $(VENV)/.installed-dev
+	$(PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(SHAKESPEARE_TOKENS) out

@@ -22,7 +22,7 @@ from checkpoint_files import (CHECKPOINT_NAME, atomic_save, clean_state_dict, co
                               set_rng_state, trim_metrics, try_load)
 from checks import failed_save_message
 from config import ConfigError, config_to_dict
-from sharded_checkpoint import SHARDED, link_copy, load_sharded, save_sharded, weights_finite
+from sharded_checkpoint import SHARDED, link_copy, load_sharded, save_sharded, training_state, weights_finite
 
 
 class Checkpointer:
@@ -138,13 +138,16 @@ class Checkpointer:
 
     def _write(self, checkpoint, path, final=False):
         """Rank 0 writes (every rank its shards when sharded), unless a weight is NaN/inf: a non-finite model
-        is never saved. A failed write of a whole file (a full disk) keeps the older files; the run goes on,
-        unless this is its final save."""
+        is never saved. A failed write (a full disk) keeps the older files; the run goes on, unless this is
+        its final save."""
         if self.sharded:
             if not weights_finite(self.model):
                 self.log(f"warning: weights are non-finite: not saving {path}")
                 return False
-            save_sharded(checkpoint, path, self.model, self.optimizers)
+            try:
+                save_sharded(checkpoint, path, self.model, self.optimizers)
+            except OSError as e:  # the same error on every rank
+                return self._failed(path, [checkpoint, training_state(self.model, self.optimizers)], e, final)
         elif checkpoint is None:
             return False
         elif not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
@@ -154,14 +157,25 @@ class Checkpointer:
             try:
                 atomic_save(checkpoint, path)
             except OSError as e:
-                kept = (list_checkpoints(self.config.out_dir) or [(None, "none")])[0][1]
-                problem = failed_save_message(path, checkpoint, e, kept)
-                if final:
-                    raise ConfigError(f"{problem}. Free some space, then continue with --resume=auto.") from None
-                self.log(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")
-                return False
+                return self._failed(path, checkpoint, e, final)
         self.log(f"saved checkpoint {path}")
         return True
+
+    def _failed(self, path, checkpoint, error, final):
+        """After a failed write of `checkpoint` (its tensors say how much space it needs): a warning and False,
+        or at the final save a ConfigError. Sharded, every rank is here and gets rank 0's words, printed once."""
+        problem = None
+        if self.info.is_master:
+            kept = (list_checkpoints(self.config.out_dir) or [(None, "none")])[0][1]
+            problem = failed_save_message(path, checkpoint, error, kept)
+        if self.sharded and self.info.ddp:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if final:
+            raise ConfigError(f"{problem}. Free some space, then continue with --resume=auto.") from None
+        self.log(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")
+        return False
 
     def due(self, step, force):
         """Whether maybe_save(step, force) writes: every checkpoint_interval steps, and when forced."""

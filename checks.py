@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -162,6 +163,48 @@ def hold_out_dir(out_dir, is_master=True):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def check_shared_out_dir(out_dir, parallel):
+    """Under --parallel=fsdp every rank writes its checkpoint shards into out_dir, so every rank must see
+    rank 0's out_dir (one filesystem on every node). Rank 0 writes a file of random name and contents there,
+    each other rank reads it, and every rank raises the same ConfigError when any rank does not see it."""
+    if parallel != "fsdp" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    box = [secrets.token_hex(16), None]  # from os.urandom: the run's random states are not drawn from
+    path = os.path.join(out_dir, f".shared_check_{box[0]}")  # a new name: no node has it cached as absent
+    if rank == 0:
+        try:
+            with open(path, "w") as f:
+                f.write(box[0])
+        except OSError as e:
+            box[1] = f"cannot write a file into --out_dir={out_dir}: {e.strerror}. Choose a folder you can write to."
+    dist.broadcast_object_list(box, src=0)  # after rank 0 has closed the file
+    token, problem = box
+    path = os.path.join(out_dir, f".shared_check_{token}")
+    seen = True
+    if rank != 0 and problem is None:
+        try:
+            with open(path) as f:
+                seen = f.read() == token
+        except OSError:  # no such file or folder on this node
+            seen = False
+    seen_by = [None] * world_size
+    dist.all_gather_object(seen_by, seen)  # every rank has read it: rank 0 may remove it
+    if rank == 0:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    if problem is not None:
+        raise ConfigError(problem)
+    blind = [r for r, s in enumerate(seen_by) if not s]
+    if blind:
+        listed = ", ".join(map(str, blind[:8])) + (", ..." if len(blind) > 8 else "")
+        ranks = f"rank {blind[0]}" if len(blind) == 1 else f"ranks {listed} ({len(blind)} of {world_size})"
+        raise ConfigError(f"--parallel=fsdp writes every rank's checkpoint shards into --out_dir={out_dir}, but "
+                          f"{ranks} cannot see rank 0's {out_dir} (a file rank 0 wrote there is missing): put "
+                          f"out_dir on a filesystem every node sees (NFS, Lustre, ...), or use --parallel=ddp, whose "
+                          f".pt checkpoints only rank 0 writes and reads.")
 
 
 class WriteRecorder:

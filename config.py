@@ -2,8 +2,9 @@
 
     python train.py [CONFIG.py ...] [--key=value ...]
 
-Config files are plain `key = value` Python files, applied left to right; `--key=value` flags come
-after them. Unknown keys and values of the wrong type are refused with a message naming the key.
+Config files are plain `key = value` Python files, applied left to right; then the `--key=value` flags,
+which override every config file wherever they stand on the command line. Unknown keys and values of the
+wrong type are refused with a message naming the key.
 Defaults are the GPT-2 124M FineWeb-Edu recipe (GPT-3 paper appendix, as build-nanogpt uses it).
 """
 
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from data.shards import atomic_write
+from data.tokenizer import N_VOCAB
 
 
 class ConfigError(Exception):
@@ -114,7 +116,9 @@ def field_groups():
 def help_text(column=34):
     """Every key with its default and help, the help in one column (a longer flag puts it on the next line)."""
     helps = field_help()
-    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]", "", "keys (default):"]
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]", "",
+             "Config files apply left to right; --key=value flags override them wherever they stand.", "",
+             "keys (default):"]
     for group, keys in field_groups():
         lines.append(f"  {group}:")
         for key in keys:
@@ -194,10 +198,14 @@ def read_config_file(path):
 
 
 def load_config(argv):
-    """Build a TrainConfig from config files, then --key=value flags, in the order given."""
+    """Build a TrainConfig from config files (left to right), then --key=value flags (left to right).
+
+    Flags win wherever they stand: `--max_steps=10 configs/shakespeare.py` runs 10 steps."""
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    files = [arg for arg in argv if not arg.startswith("-")]
+    flags = [arg for arg in argv if arg.startswith("-")]
     values = {}
-    for arg in argv:
+    for arg in files + flags:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             source = f"flag '{arg}'"
@@ -243,10 +251,30 @@ def check_config(config):
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
-    if config.hellaswag and config.parallel == "fsdp":
-        # the ranks score different numbers of examples, and each forward of a sharded model is collective
-        raise ConfigError("--hellaswag is not available with --parallel=fsdp during training: drop it, and score a "
-                          "checkpoint with scripts/eval.py instead.")
+    if config.sample_tokens > 0 and config.vocab_size < N_VOCAB:
+        raise ConfigError(f"--vocab_size={config.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB} tokens, "
+                          f"so the sample prompt cannot be encoded for this model: raise vocab_size to 50304 (the "
+                          f"default), or turn samples off with --sample_tokens=0.")
+
+
+def plan_warnings(config, train_tokens=None):
+    """`warning:` lines about a config that runs but probably not as meant; train_tokens: the train split's size."""
+    warnings = []
+    if config.warmup_steps >= config.max_steps:
+        peak = min(1.0, config.max_steps / config.warmup_steps)  # the lr of the last step, as a share of the peak
+        warnings.append(
+            f"warning: warmup_steps ({config.warmup_steps}) >= max_steps ({config.max_steps}): the learning rate is "
+            f"still warming up at the last step ({100 * peak:.0f}% of learning_rate) and never decays; set "
+            f"--warmup_steps={max(1, config.max_steps // 10)} (a tenth of max_steps) or lower.")
+    planned = config.max_steps * config.total_batch_size
+    if train_tokens and planned > train_tokens:
+        passes = planned / train_tokens
+        warnings.append(
+            f"warning: this run plans {planned:,} tokens (max_steps * total_batch_size = {config.max_steps:,} * "
+            f"{config.total_batch_size:,}) but the train split holds {train_tokens:,}: about "
+            f"{passes:,.{1 if passes < 10 else 0}f} passes over the same text (repeated text is soon memorized, "
+            f"and val loss rises); if that is not meant, lower --max_steps or prepare more text.")
+    return warnings
 
 
 def config_to_dict(config):

@@ -4,10 +4,12 @@
     acc_norm the ending with the lowest mean token loss (the number GPT-2 reproductions report)
 
 Only the ending's tokens are scored, after the context. Examples are split across ranks (example i on
-rank i % world_size) and the counts all-reduced. Examples are sorted by length and scored many to a
-forward, each batch padded to a multiple of 64 tokens with a fixed number of rows per length, so a
-torch.compile'd model sees a handful of shapes. Logits are turned into losses only where an ending is
-scored, and the counts stay on the device until the end: no host sync per example.
+rank i % world_size) and the counts all-reduced. Every rank runs the same number of forwards (a sharded
+model's forward is a collective, the weight all-gather): a rank with fewer batches runs empty ones that
+count nothing. Examples are sorted by length and scored many to a forward, each batch padded to a
+multiple of 64 tokens. Score with the uncompiled model (train.py does): these varied shapes would make
+torch.compile mark batch and sequence dynamic, in the training graph too. Logits are turned into losses
+only where an ending is scored, and the counts stay on the device until the end: no host sync per batch.
 evaluate_hellaswag_per_example is the plain one-example-a-forward version the batched one must match.
 """
 
@@ -116,12 +118,26 @@ def ending_losses(model, tokens, mask):
     return summed, summed / scored.sum(dim=1)
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
 def reduce_scores(counts):
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(counts)
-    total = max(counts[2].item(), 1)
-    return {"hellaswag_acc": counts[0].item() / total, "hellaswag_acc_norm": counts[1].item() / total,
-            "hellaswag_examples": int(counts[2].item())}
+    correct_sum, correct_mean, examples = counts.tolist()
+    total = max(examples, 1)
+    return {"hellaswag_acc": correct_sum / total, "hellaswag_acc_norm": correct_mean / total,
+            "hellaswag_examples": int(examples)}
+
+
+def most_over_ranks(number, device):
+    """The largest of every rank's number (the number itself in one process)."""
+    if not distributed():
+        return number
+    box = torch.tensor([number], dtype=torch.long, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def evaluate_hellaswag_per_example(model, examples, encode, length, device, rank=0, world_size=1,
@@ -142,11 +158,11 @@ def evaluate_hellaswag_per_example(model, examples, encode, length, device, rank
 
 
 def batches(examples, encode, length, batch_tokens):
-    """(tokens (R, L), flat positions whose next token is scored, their rows, labels, real examples) per
-    forward, shortest first.
+    """(tokens (R, L), flat positions whose next token is scored, their rows, labels (R / 4,)) per forward,
+    shortest first.
 
-    L is the longest row of the batch rounded up to 64 (at most `length`); R = 4 * max(1, batch_tokens //
-    (4 * L)) rows, the last batch of a length filled with empty rows."""
+    L is the longest row of the batch rounded up to 64 (at most `length`); R = 4 * the batch's examples, at
+    most 4 * max(1, batch_tokens // (4 * L))."""
     rendered = [render_rows(example, encode, length) for example in examples]
     used = [min(length, -(-max(len(row) for row in rows) // 64) * 64) for rows, _ in rendered]
     order = sorted(range(len(examples)), key=used.__getitem__)
@@ -156,14 +172,13 @@ def batches(examples, encode, length, batch_tokens):
         per_batch = max(1, batch_tokens // (4 * L))
         chosen = [i for i in order[start: start + per_batch] if used[i] == L]
         start += len(chosen)
-        tokens = torch.zeros((4 * per_batch, L), dtype=torch.long)
-        mask = torch.zeros((4 * per_batch, L), dtype=torch.bool)
+        tokens = torch.zeros((4 * len(chosen), L), dtype=torch.long)
+        mask = torch.zeros((4 * len(chosen), L), dtype=torch.bool)
         for k, i in enumerate(chosen):
             fill(tokens[4 * k: 4 * k + 4], mask[4 * k: 4 * k + 4], *rendered[i])
         rows, columns = mask[:, 1:].nonzero().unbind(1)  # position (row, c) predicts the token at c + 1
-        labels = torch.full((per_batch,), -1, dtype=torch.long)
-        labels[: len(chosen)] = torch.tensor([int(examples[i]["label"]) for i in chosen])
-        yield tokens, rows * L + columns, rows, labels, len(chosen)
+        labels = torch.tensor([int(examples[i]["label"]) for i in chosen])
+        yield tokens, rows * L + columns, rows, labels
 
 
 @torch.no_grad()
@@ -172,10 +187,12 @@ def evaluate_hellaswag(model, examples, encode, length, device, rank=0, world_si
     """{'hellaswag_acc', 'hellaswag_acc_norm', 'hellaswag_examples'} over all examples, all ranks together.
 
     batch_tokens bounds a forward's rows * length (its logits are batch_tokens * vocab_size)."""
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct (sum), correct (mean), examples
+    plan = list(batches(examples[rank::world_size], encode, length, batch_tokens))
+    forwards = most_over_ranks(len(plan), device)  # the one host sync before the end
+    correct = torch.zeros(2, dtype=torch.float64, device=device)  # correct (sum), correct (mean)
     was_training = model.training
     model.eval()
-    for tokens, positions, rows, labels, real in batches(examples[rank::world_size], encode, length, batch_tokens):
+    for tokens, positions, rows, labels in plan:
         tokens, positions, rows, labels = (t.to(device, non_blocking=True) for t in (tokens, positions, rows, labels))
         with autocast():
             logits, _ = model(tokens)  # (R, L, V)
@@ -185,9 +202,13 @@ def evaluate_hellaswag(model, examples, encode, length, device, rank=0, world_si
         summed = torch.zeros(tokens.size(0), dtype=losses.dtype, device=device).index_add_(0, rows, losses)
         scored = torch.zeros(tokens.size(0), dtype=losses.dtype, device=device).index_add_(
             0, rows, torch.ones_like(losses))
-        mean = summed / scored.clamp(min=1)  # empty filler rows: 0, never counted below
+        mean = summed / scored.clamp(min=1)  # a row whose only ending token is its first: none scored
         correct_sum = (summed.view(-1, 4).argmin(dim=1) == labels).sum()
         correct_mean = (mean.view(-1, 4).argmin(dim=1) == labels).sum()
-        counts += torch.stack([correct_sum, correct_mean, torch.tensor(real, device=device)]).double()
+        correct += torch.stack([correct_sum, correct_mean]).double()
+    for _ in range(forwards - len(plan)):  # the other ranks' collectives, on a one-token row that counts nothing
+        with autocast():
+            model(torch.zeros((1, 1), dtype=torch.long, device=device))
     model.train(was_training)
-    return reduce_scores(counts)
+    examples_here = sum(len(labels) for *_, labels in plan)
+    return reduce_scores(torch.cat([correct, torch.tensor([examples_here], dtype=torch.float64, device=device)]))

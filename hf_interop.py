@@ -1,10 +1,13 @@
-"""Convert between our checkpoints and Hugging Face GPT2LMHeadModel folders (config.json + model.safetensors).
+"""Convert between our checkpoints and Hugging Face GPT2LMHeadModel folders (config.json + model.safetensors),
+and write GPT-2's tokenizer files beside them.
 
 Our nn.Linear weights are the transpose of HF's Conv1D weights; everything else maps one-to-one. The
 export drops the padded vocab rows (50257..vocab_size-1); the import adds them back as the mean of the
 real rows: a zero row would give padded ids logit 0, far above a trained GPT-2's typical logits, and
 they would take most of the softmax; the mean row gives them about the mean logit. Export -> import ->
 export is exact.
+The tokenizer files (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) are built from
+the bundled tiktoken rank file, so AutoTokenizer.from_pretrained(folder) needs no network.
 Needs safetensors only: transformers is not required to write or read these folders.
 """
 
@@ -14,6 +17,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.shards import atomic_write
+from data.tokenizer import EOT_TOKEN, hf_vocab_and_merges
 from model import GPT2_VOCAB_SIZE
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings")
@@ -49,9 +54,35 @@ def export_hf(state_dict, model_config, out_dir):
     """Write a GPT2LMHeadModel folder from our model weights and model keys."""
     os.makedirs(out_dir, exist_ok=True)
     tie = bool(model_config.get("tie_embeddings", True))
-    save_file(to_hf_state_dict(state_dict, tie), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(model_config), f, indent=2)
+    path = os.path.join(out_dir, "model.safetensors")
+    # safetensors creates its file mode 0600 (through a temporary file of its own): give ours the mode any new
+    # file gets under the umask, as the other files here have, then rename it into place
+    save_file(to_hf_state_dict(state_dict, tie), path + ".tmp", metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path + ".tmp", 0o666 & ~umask)
+    os.replace(path + ".tmp", path)
+    write_json(os.path.join(out_dir, "config.json"), hf_config(model_config))
+
+
+def write_json(path, data):
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False).encode()))
+
+
+def export_tokenizer(out_dir, model_max_length):
+    """Write GPT-2's tokenizer files (as transformers' GPT2Tokenizer reads them) into out_dir."""
+    vocab, merges = hf_vocab_and_merges()
+    write_json(os.path.join(out_dir, "vocab.json"), vocab)
+    text = "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges)
+    atomic_write(os.path.join(out_dir, "merges.txt"), lambda f: f.write(text.encode()))
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+        "add_bos_token": False, "clean_up_tokenization_spaces": False, "errors": "replace", **special,
+        "added_tokens_decoder": {str(EOT_TOKEN): {"content": "<|endoftext|>", "special": True, "lstrip": False,
+                                                  "rstrip": False, "normalized": True, "single_word": False}},
+    })
 
 
 def import_hf(folder, vocab_size=50304):

@@ -1,4 +1,4 @@
-"""Run logging on rank 0: one nanoGPT-style line per step, metrics.jsonl, and W&B.
+"""Run logging on rank 0: one nanoGPT-style line per step, metrics.jsonl, W&B, and the summary a run ends with.
 
 Other ranks get a logger whose methods do nothing, so the training loop never asks who it is.
 """
@@ -8,9 +8,16 @@ import json
 import math
 import netrc
 import os
+import shlex
+import shutil
+import sys
+import time
 from urllib.parse import urlsplit
 
+from checkpoint_files import list_checkpoints
 from config import ConfigError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
@@ -77,19 +84,55 @@ def resolve_wandb_mode(mode):
     return "online" if wandb_logged_in() else "offline"
 
 
-def format_line(metrics):
-    parts = [f"step {metrics['step']:5d}", f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.4e}",
+def duration(seconds):
+    """42s, 3m05s, 2h03m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_line(metrics, max_steps=None):
+    step = f"step {metrics['step']:5d}" + (f"/{max_steps}" if max_steps else "")
+    parts = [step, f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.4e}",
              f"norm {metrics['grad_norm']:.4f}", f"dt {metrics['dt_ms']:.0f}ms",
              f"tok/s {metrics['tokens_per_sec']:,.0f}"]
+    if "elapsed_s" in metrics:
+        parts.append(f"elapsed {duration(metrics['elapsed_s'])}")
+    if "eta_s" in metrics:
+        parts.append(f"eta {duration(metrics['eta_s'])}")
     if "mfu" in metrics:
         parts.append("mfu n/a" if metrics["mfu"] is None else f"mfu {100 * metrics['mfu']:.1f}%")
     return " | ".join(parts)
 
 
+class Progress:
+    """Seconds since the run started, and the seconds left: the first logged step's time per step, then the
+    mean time per step since it (evaluations and checkpoints included, so the estimate is of the wall time;
+    the first step, the first evaluation and compilation left out)."""
+
+    def __init__(self, run_started, max_steps):
+        self.run_started, self.max_steps = run_started, max_steps
+        self.first = None  # (time, step) when the first logged step was done
+
+    def at(self, step, step_seconds):
+        """{'elapsed_s', 'eta_s'} after step `step` is done; step_seconds: its own time."""
+        now = time.time()
+        if self.first is None:
+            self.first = (now, step)
+        if step > self.first[1]:
+            step_seconds = (now - self.first[0]) / (step - self.first[1])
+        return {"elapsed_s": round(now - self.run_started, 3),
+                "eta_s": round(step_seconds * (self.max_steps - step - 1), 3)}
+
+
 class Logger:
     def __init__(self, out_dir, enabled=True, wandb_mode="disabled", wandb_project=None, wandb_run_name=None,
-                 config=None, wandb_run_id=None):
+                 config=None, wandb_run_id=None, max_steps=None):
         self.enabled = enabled
+        self.max_steps = max_steps  # shown as step N/max_steps
         self.wandb = None
         self.wandb_run_id = wandb_run_id
         if not enabled:
@@ -99,7 +142,14 @@ class Logger:
         mode = resolve_wandb_mode(wandb_mode)
         if mode == "disabled":
             return
-        import wandb
+        try:
+            import wandb
+        except ImportError:  # optional: a machine without it logs to stdout and metrics.jsonl
+            if wandb_mode != "auto":
+                raise ConfigError(f"--wandb_mode={wandb_mode} needs wandb, which is not installed: pip install wandb, "
+                                  f"or use --wandb_mode=disabled.") from None
+            self.print("wandb is not installed: logging to stdout and metrics.jsonl only")
+            return
 
         def start(mode):
             # resume="allow": continue the stored run id when there is one, else start that id afresh
@@ -128,7 +178,7 @@ class Logger:
         if not self.enabled:
             return
         if "loss" in metrics:
-            self.print(format_line(metrics))
+            self.print(format_line(metrics, self.max_steps))
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -148,6 +198,83 @@ class Logger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def short_path(path):
+    """`path` from the current folder when it lies inside it, else absolute; quoted for a shell."""
+    relative = os.path.relpath(path)
+    return shlex.quote(os.path.abspath(path) if relative.startswith("..") else relative)
+
+
+def python_command():
+    """This interpreter as the user can type it: `python` when that is the one on PATH (an activated venv),
+    else its path (.venv/bin/python)."""
+    on_path = shutil.which("python")
+    if on_path and os.path.abspath(on_path) == os.path.abspath(sys.executable):
+        return "python"
+    return short_path(sys.executable)
+
+
+def script(*parts):
+    """A file of this repository, as a path from the current folder, quoted for a shell."""
+    return short_path(os.path.join(ROOT, *parts))
+
+
+def val_losses(out_dir):
+    """[(step, val_loss)] of the run's metrics.jsonl (a line cut short by a kill is skipped)."""
+    found = []
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("val_loss") is not None:
+                    found.append((record["step"], record["val_loss"]))
+    except OSError:
+        pass
+    return found
+
+
+def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=True):
+    """The lines a run ends with: what it did, where its files are, and commands to go on from there."""
+    out_dir, python = config.out_dir, python_command()
+    where = shlex.quote(out_dir)
+    how = f"stopped by {stopped_by}" if stopped_by else "finished"
+    lines = [f"run {how} at step {step}/{config.max_steps} in {duration(wall_seconds)}",
+             f"  tokens seen: {step * config.total_batch_size:,} ({step:,} steps of {config.total_batch_size:,})"]
+    vals, checkpoints = val_losses(out_dir), list_checkpoints(out_dir)
+    if vals:
+        best_step, best = min(vals, key=lambda v: (v[1], v[0]))
+        kept = [path for s, path in checkpoints if s == best_step]
+        best_where = f", {kept[-1]}" if kept else ", no checkpoint kept at that step"
+        lines.append(f"  val loss: final {vals[-1][1]:.4f} (step {vals[-1][0]}), best {best:.4f} "
+                     f"(step {best_step}{best_where})")
+    lines.append(f"  out_dir: {out_dir}")
+    newest = next((path for _, path in checkpoints if os.path.basename(path).startswith("ckpt_")), None)
+    if newest is None:
+        return lines
+    kept_args = [arg for arg in argv if not arg.startswith(("--max_steps=", "--resume="))]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"{python} {script('train.py')}"
+    if world_size > 1:
+        single_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size
+        launcher = (f"torchrun --standalone --nproc_per_node={world_size} {script('train.py')}" if single_node
+                    else f"torchrun [your torchrun options] {script('train.py')}")
+    prompt = f" --prompt={shlex.quote(config.sample_prompt)}" if can_sample and config.sample_prompt else ""
+    lines += [
+        "next:",
+        f"  sample:   {python} {script('scripts', 'sample.py')} {where}{prompt} --tokens=200",
+        f"  plot:     {python} {script('scripts', 'plot.py')} {where} "
+        f"--out {shlex.quote(os.path.join(out_dir, 'loss.png'))}",
+        f"  export:   {python} {script('scripts', 'export_hf.py')} {shlex.quote(newest)} "
+        f"{shlex.quote(os.path.join(out_dir, 'hf'))}",
+        # a stopped run goes on to its own max_steps; a finished one trains as long again
+        "  continue: " + " ".join([launcher, *map(shlex.quote, kept_args), "--resume=auto",
+                                   f"--max_steps={config.max_steps if stopped_by else 2 * config.max_steps}"]),
+    ]
+    return lines
 
 
 WANDB_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr",

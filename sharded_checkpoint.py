@@ -7,7 +7,12 @@ checkpoint is a folder, out_dir/ckpt_STEP.dcp/ (or best_STEP.dcp/):
     meta.pt                   the plain data of a .pt checkpoint (step, config, each rank's loader and
                               RNG states, ...), with "model" and "optimizers" set to SHARDED
 Atomic like a .pt checkpoint: every rank writes into ckpt_STEP.dcp.tmp/, and rank 0 renames the folder
-once all of them are done, so a killed save never replaces the last good checkpoint.
+once all of them are done, so a killed save never replaces the last good checkpoint. A write that fails on
+any rank (a full disk) raises the same OSError on every rank, so none is left waiting for the others.
+Every rank must see the same out_dir: checks.check_shared_out_dir refuses a run where they do not.
+
+Test hook: GPT2_DEBUG_FULL_DISK_STEPS=4,6 makes rank 0 write the meta.pt of the checkpoints at those steps
+into /dev/full, whose writes fail with ENOSPC: a disk that fills up once every rank's shards are written.
 """
 
 import os
@@ -17,10 +22,13 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
+
+from checks import WriteRecorder
 
 SHARDED = "sharded"  # a checkpoint's "model" and "optimizers" when they live in the shard files
 META = "meta.pt"
@@ -61,26 +69,54 @@ def training_state(model, optimizers):
             "optimizers": [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]}
 
 
+def raise_on_every_rank(error, tmp):
+    """Every rank calls this after a part of a save that may fail on some ranks (it is also a barrier): when
+    any rank's `error` is set, every rank raises the lowest failing rank's as the same OSError, once rank 0
+    has removed the temporary folder (on a full disk, the space the shards took)."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, error and (error.errno, error.strerror or str(error), error.filename))
+    failure = next((f for f in failures if f is not None), None)
+    if failure is None:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise OSError(*failure)
+
+
 def save_sharded(meta, path, model, optimizers):
-    """Every rank calls this; `meta` is rank 0's plain data (None elsewhere). Returns True on every rank."""
+    """Every rank calls this; `meta` is rank 0's plain data (None elsewhere). A failed write raises the same
+    OSError on every rank (see raise_on_every_rank)."""
     is_master = dist.get_rank() == 0
     tmp = f"{path}.tmp"
+    error = None
     if is_master:
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
-        os.makedirs(tmp)
-    dist.barrier()
-    dcp.save(training_state(model, optimizers), checkpoint_id=tmp)  # each rank its shards, files fsynced
-    if is_master:
-        with open(os.path.join(tmp, META), "wb") as f:
-            torch.save(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_directory(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        fsync_directory(os.path.dirname(os.path.abspath(path)))
-    dist.barrier()  # nobody reads or prunes the folder before it is complete
-    return True
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+            os.makedirs(tmp)
+        except OSError as e:
+            error = e
+    raise_on_every_rank(error, tmp)  # no rank writes before the folder exists
+    try:
+        dcp.save(training_state(model, optimizers), checkpoint_id=tmp)  # each rank its shards, files fsynced
+    except CheckpointException as e:  # raised on every rank when any rank's write failed
+        error = next((failure for _, (failure, _) in sorted(e.failures.items()) if isinstance(failure, OSError)), None)
+        if error is None:
+            raise  # not a write that failed: a bug, with its traceback
+    if is_master and error is None:
+        full_disk = str(meta["step"]) in os.environ.get("GPT2_DEBUG_FULL_DISK_STEPS", "").split(",")  # test hook
+        try:
+            with open("/dev/full" if full_disk else os.path.join(tmp, META), "wb") as f:
+                with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
+                    torch.save(meta, writer)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_directory(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            fsync_directory(os.path.dirname(os.path.abspath(path)))
+        except OSError as e:
+            error = e
+    raise_on_every_rank(error, tmp)  # nobody reads or prunes the folder before it is complete
 
 
 def load_sharded(path, model, optimizers, load_optimizer_state):

@@ -6,7 +6,9 @@
     python train.py --help                                       # every key, its default and help
 """
 
+import contextlib
 import os
+import shutil
 import sys
 import time
 
@@ -15,16 +17,18 @@ from safetensors import SafetensorError
 
 from allocator import keep_large_allocations_on_heap
 from checkpoint import Checkpointer
-from checks import fail, hold_out_dir, reported_as_errors
-from config import ConfigError, config_to_dict, format_config, help_text, load_config, save_config
+from checkpoint_files import list_checkpoints
+from checks import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
+from config import (ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings,
+                    save_config)
 from configure_optimizers import configure_adamw, configure_muon
-from data.loader import DataError, DataLoader
+from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
 from distributed import all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
 from evaluate import HellaSwagError, evaluate_hellaswag, load_hellaswag
 from guards import NonFiniteError, NonFiniteGuard, StopSignal
 from hf_interop import import_hf, mismatched_keys
-from logger import Logger
+from logger import Logger, Progress, run_summary
 from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
 from model import GPT, GPTConfig
 from parallel import ShardedMuon, wrap_model
@@ -99,12 +103,11 @@ def evaluate(model, val_loader, config, info):
         x, y = val_loader.next_batch()
         first = call * per_call + info.rank * config.batch_size
         valid = max(0, min(config.batch_size, windows - first))
-        if valid == 0:
-            continue
         y[valid:] = -1  # windows past the fixed set: ignored by the loss, same shapes for torch.compile
         with autocast_context(info.device_type):
-            _, loss = model(x, y)
-        loss_sum += loss.double() * valid * config.block_size
+            _, loss = model(x, y)  # on every rank, rows or none: under fsdp each forward is a collective
+        if valid:  # a rank without rows has a nan loss (no target counted): it adds nothing
+            loss_sum += loss.double() * valid * config.block_size
     all_reduce_sum(loss_sum, info)
     model.train()
     return (loss_sum / (windows * config.block_size)).item()
@@ -120,7 +123,7 @@ def generate_sample(model, config, device, step):
     return decode(out[0].tolist())
 
 
-def train(config, info):
+def train(config, info, argv=()):
     grad_accum_steps = grad_accum_steps_for(config, info.world_size)
     device_type = info.device_type
     log = print if info.is_master else (lambda *args, **kwargs: None)
@@ -155,18 +158,21 @@ def train(config, info):
         save_config(config, os.path.join(config.out_dir, "config.json"))
     logger = Logger(config.out_dir, enabled=info.is_master, wandb_mode=config.wandb_mode,
                     wandb_project=config.wandb_project, wandb_run_name=config.wandb_run_name,
-                    config=config_to_dict(config), wandb_run_id=checkpoints.wandb_run_id)
+                    config=config_to_dict(config), wandb_run_id=checkpoints.wandb_run_id, max_steps=config.max_steps)
     checkpoints.wandb_run_id = logger.wandb_run_id
     logger.print(format_config(config))
     logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
                  f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
+    for warning in plan_warnings(config, train_tokens=sum(tokens.size for tokens in train_loader.tokens)):
+        logger.print(warning)
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
     stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
-    window_start = None
+    window_start, step, stopping = None, start_step, False
+    progress = Progress(started, config.max_steps)  # elapsed time and ETA on each step's line
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
         stopping = stop.requested(step)
@@ -188,7 +194,9 @@ def train(config, info):
                 if info.is_master:
                     logger.log_sample(step, sample)
             if hellaswag is not None:
-                scores = evaluate_hellaswag(eval_model, hellaswag, encode, config.block_size, info.device, info.rank,
+                # the uncompiled model: its many (rows, length) shapes would make torch.compile mark batch and
+                # sequence dynamic, and the training graph compiled after it would keep them for the whole run
+                scores = evaluate_hellaswag(raw_model, hellaswag, encode, config.block_size, info.device, info.rank,
                                             info.world_size, lambda: autocast_context(device_type))
                 logger.print(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
                 logger.log({"step": step, **scores})
@@ -208,10 +216,38 @@ def train(config, info):
             window_start = None
             logger.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                         "dt_ms": 1000 * dt, "tokens_per_sec": config.total_batch_size / dt,
-                        "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size)})
+                        "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size),
+                        **progress.at(step, dt)})
     stop.close()
+    stopped_by = (stop.received or "a signal on another rank") if stopping else None
+    for line in run_summary(config, argv, time.time() - started, step, stopped_by, can_sample=config.sample_tokens > 0):
+        logger.print(line)
     logger.finish()
     return raw_model
+
+
+def folders_to_create(path):
+    """The folders os.makedirs(path) would create, outermost first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+@contextlib.contextmanager
+def removed_if_refused(out_dir, created):
+    """A run that ends before its first metrics line or checkpoint removes the folders it created (still
+    holding the lock); a folder that existed before is never removed, nor anything in it."""
+    try:
+        yield
+    except BaseException:
+        if created and not os.path.exists(os.path.join(out_dir, "metrics.jsonl")) and not list_checkpoints(out_dir):
+            shutil.rmtree(created[-1], ignore_errors=True)
+            for folder in reversed(created[:-1]):  # parents made on the way, unless another run put files there
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+        raise
 
 
 def main(argv=None):
@@ -228,14 +264,22 @@ def main(argv=None):
     if config.dry_run:
         if env_rank() == 0:
             print("\n".join([format_config(config),
-                             *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]))
+                             *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]), flush=True)
+        with reported_as_errors(DataError):  # the shards a run would read: the same error line as a real run
+            tokens = split_tokens(config.data_dir)
+        if env_rank() == 0:
+            print("\n".join([f"data: {config.data_dir} holds {tokens['train']:,} train and {tokens['val']:,} val "
+                             f"tokens", *plan_warnings(config, train_tokens=tokens["train"])]))
         return 0
     keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
     try:
         with reported_as_errors(ConfigError, DataError, NonFiniteError, out_dir=config.out_dir):
             info = setup_distributed(config.device)
+            created = folders_to_create(config.out_dir) if info.is_master else []
             with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
-                train(config, info)
+                with removed_if_refused(config.out_dir, created):
+                    check_shared_out_dir(config.out_dir, config.parallel)  # fsdp: every rank writes into out_dir
+                    train(config, info, argv)
                 barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
         teardown_distributed()

@@ -3,8 +3,8 @@
 # under fsdp (weights, gradients and AdamW state 2.9 GiB of it; 23 GiB under ddp), most of it activations.
 # data: python data/prepare.py --source HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb10B
 # time: not measured here; --dry_run says about 8 h on 8x H100 at 45% MFU (1e20 FLOPs).
-# lr: the GPT-3 paper's 1.3B model (2e-4, cosine to 10%). HellaSwag is scored after training with scripts/eval.py
-# (it is not available inside an fsdp run).
+# lr: the GPT-3 paper's 1.3B model (2e-4, cosine to 10%). HellaSwag at each evaluation, as for 124M (the val
+# set is downloaded once to data/hellaswag); a checkpoint is scored alone with scripts/eval.py.
 # run: torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_xl_fsdp.py
 n_layer = 48
 n_head = 25
@@ -23,5 +23,5 @@ weight_decay = 0.1
 eval_interval = 250
 eval_iters = 20
 compile = True
-hellaswag = False
+hellaswag = True
 out_dir = "out/gpt2_xl"

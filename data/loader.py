@@ -10,6 +10,7 @@ checked against manifest.json: present, of its token count, and of its sha256 (h
 
 import json
 import os
+import shlex
 
 import numpy as np
 import torch
@@ -21,14 +22,57 @@ class DataError(Exception):
     """Missing, truncated or mismatched data: reported to the user as one message."""
 
 
-def read_manifest(data_dir):
-    path = os.path.join(data_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise DataError(
+RAW_TEXT = (".txt", ".jsonl", ".json", ".parquet")  # what data/prepare.py reads
+
+
+def raw_text_files(data_dir, limit=1000):
+    """The raw text files (what data/prepare.py takes as --source) at data_dir: a file, or a folder's first ones."""
+    if os.path.isfile(data_dir):
+        return [data_dir] if data_dir.endswith(RAW_TEXT) else []
+    found = []
+    for root, folders, names in os.walk(data_dir):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))  # not .git, .venv and the like
+        found += [os.path.join(root, name) for name in sorted(names) if name.endswith(RAW_TEXT)]
+        if len(found) >= limit:
+            break
+    return found
+
+
+def tokens_folder_for(source):
+    """A new folder for the shards of `source`: data/NAME_tokens, never the source itself or a folder inside it."""
+    source = os.path.normpath(source)
+    name = os.path.splitext(os.path.basename(os.path.abspath(source)))[0] or "my_texts"
+    out = os.path.join("data", f"{name}_tokens")
+    inside = os.path.commonpath([os.path.abspath(out), os.path.abspath(source)]) == os.path.abspath(source)
+    return os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(source)), f"{name}_tokens")) if inside else out
+
+
+def not_prepared(data_dir):
+    """The DataError for a data_dir without manifest.json: what it holds instead, and the command that fixes it."""
+    raw = raw_text_files(data_dir)
+    if not raw:
+        return DataError(
             f"no manifest.json in '{data_dir}': the data has not been prepared. Make it with\n"
             f"  python data/prepare.py --source SOURCE --out {data_dir}\n"
             f"(for the quickstart corpus: make data; for FineWeb-Edu 10B see the README)."
         )
+    kinds = sorted({os.path.splitext(path)[1] for path in raw})
+    if os.path.isfile(data_dir):
+        what = f"is a {kinds[0]} file of raw text"
+    else:
+        what = f"holds raw text ({len(raw)}{'+' if len(raw) >= 1000 else ''} {'/'.join(kinds)} files)"
+    out = tokens_folder_for(data_dir)
+    return DataError(
+        f"--data_dir={data_dir} {what}, not tokenized shards. Tokenize it into a new folder with\n"
+        f"  python data/prepare.py --source {shlex.quote(data_dir)} --out {shlex.quote(out)}\n"
+        f"then train with --data_dir={shlex.quote(out)}."
+    )
+
+
+def read_manifest(data_dir):
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise not_prepared(data_dir)
     try:
         with open(path, "rb") as f:
             manifest = json.loads(f.read())
@@ -42,6 +86,21 @@ def read_manifest(data_dir):
         raise DataError(f"'{path}' is not a manifest that data/prepare.py writes (a list of uint16 shards, "
                         f"each with name, tokens and split): prepare this data with data/prepare.py.")
     return manifest
+
+
+def split_shards(manifest, data_dir, split):
+    shards = [s for s in manifest["shards"] if s["split"] == split]
+    if not shards:
+        raise DataError(f"no '{split}' shards in '{data_dir}/manifest.json': re-run data/prepare.py.")
+    return shards
+
+
+def split_tokens(data_dir):
+    """{'train': tokens, 'val': tokens} of a data_dir whose shards are all present and of their listed length
+    (what a run checks at start, but the sha256: --dry_run reads no shard through)."""
+    manifest = read_manifest(data_dir)
+    return {split: sum(open_shard(data_dir, shard).size for shard in split_shards(manifest, data_dir, split))
+            for split in ("train", "val")}
 
 
 def open_shard(data_dir, shard):
@@ -108,10 +167,7 @@ def verify_hashes(data_dir, shards):
 class DataLoader:
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
                  shuffle=True, device="cpu", vocab_size=None):
-        manifest = read_manifest(data_dir)
-        shards = [s for s in manifest["shards"] if s["split"] == split]
-        if not shards:
-            raise DataError(f"no '{split}' shards in '{data_dir}/manifest.json': re-run data/prepare.py.")
+        shards = split_shards(read_manifest(data_dir), data_dir, split)
         self.tokens = [open_shard(data_dir, s) for s in shards]
         self.paths = [os.path.join(data_dir, s["name"]) for s in shards]
         self.stamps = [shard_stamp(path) for path in self.paths]  # before hashing: a later change is seen

@@ -5,14 +5,21 @@
     python data/prepare.py --verify data/fineweb10B        # check every shard's sha256 against the manifest
 
 SOURCE is a folder or file of .txt (one document per file), .jsonl or .parquet, or a Hugging Face
-dataset id (streamed, so 10B tokens never sit in memory). Each document is preceded by <|endoftext|>;
-the first documents, up to --val_tokens, make the val shard, which comes first. Output is identical
-whatever --workers, and a killed run re-run with the same arguments skips its finished shards.
+dataset id (streamed, so 10B tokens never sit in memory). Each document is preceded by <|endoftext|>.
+Val is a random sample of whole documents drawn from the whole source (seeded by --seed): each document
+is drawn with probability --val_fraction (default 0.1, so a small corpus keeps about 90% for training),
+and val stops growing at --val_tokens (default 1e7); when a large source has more drawn documents than
+that, val keeps those of smallest random key, so it is still spread over all of the source. The run ends
+by printing the train/val split, with a warning when val holds more than 20% of the tokens. Output is
+identical whatever --workers, and a killed run re-run with the same arguments skips its finished shards.
 """
 
 import argparse
+import itertools
 import json
+import bisect
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -28,8 +35,9 @@ from data.shards import atomic_write, sha256_of, write_shard  # noqa: E402
 from data.tokenizer import EOT_TOKEN, encode_array  # noqa: E402
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-STATE_FILE = "prepare_state.json"  # progress of an unfinished run: options, documents consumed, shards done
-CARRY_FILE = "prepare_carry.npy"  # tokens read past the last finished shard
+STATE_FILE = "prepare_state.npz"  # an unfinished run: options, documents read, shards done, val so far, carry
+OWN_FILE = re.compile(r"^((val|train)_\d{6}\.npy|manifest\.json|prepare_state\.npz)(\.tmp)?$")  # names we write
+VAL_SHARE_WARNING = 0.2  # a val split above this share of the tokens is worth a warning
 CHUNK_DOCUMENTS = 256  # documents per task sent to a worker
 EOT_ARRAY = np.array([EOT_TOKEN], dtype=np.uint32)
 
@@ -52,16 +60,55 @@ def local_files(source):
     return kinds.pop(), files
 
 
+class LocalDocuments:
+    """Local .txt/.jsonl files read without `datasets` (optional for them): the documents and order of its text
+    builder (one document a file) and json builder, as batches of columns like its `iter`."""
+
+    column_names = None  # rows keep every field; document_batches picks the text one
+
+    def __init__(self, builder, files):
+        self.builder, self.files = builder, files
+
+    def rows(self):
+        for path in self.files:
+            with open(path, encoding="utf-8") as f:
+                if self.builder == "text":
+                    yield {"text": f.read()}
+                    continue
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except ValueError:
+                            raise PrepareError(f"{path} line {number} is not JSON. Fix or remove that file.") from None
+
+    def iter(self, batch_size):
+        rows = self.rows()
+        while batch := list(itertools.islice(rows, batch_size)):
+            keys = dict.fromkeys(key for row in batch for key in row)
+            yield {key: [row.get(key) for row in batch] for key in keys}
+
+
 def open_source(source, name=None, split="train"):
     """A streaming `datasets` dataset for a local path or a Hugging Face dataset id."""
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
     if os.path.exists(source):
         builder, files = local_files(source)
+        if datasets is None:
+            if not all(f.endswith((".txt", ".jsonl")) for f in files):
+                raise PrepareError(f"{source}: reading .json or .parquet needs the datasets library: pip install "
+                                   f"datasets, or give .txt or .jsonl files.")
+            return LocalDocuments(builder, files)
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
     if source.startswith((os.sep, ".", "~")) or os.path.splitext(source)[1] in LOCAL_BUILDERS:
         raise PrepareError(f"{source}: no such file or folder (a Hugging Face dataset id looks like owner/name).")
+    if datasets is None:
+        raise PrepareError(f"'{source}' is a Hugging Face dataset id, which needs the datasets library: pip install "
+                           f"datasets, or give local .txt/.jsonl files as --source.")
     check_hub(source)
     try:
         return datasets.load_dataset(source, name=name, split=split, streaming=True)
@@ -149,79 +196,187 @@ def tokenize_documents(texts):
     return tokens.astype(np.uint16), np.array(lengths, dtype=np.int64)
 
 
-class ShardWriter:
-    """Collects document tokens into the val shard, then train shards of shard_size tokens, resumably."""
+GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
 
-    def __init__(self, out_dir, options, shard_size, val_tokens):
+
+def document_keys(seed, start, count):
+    """The random key of documents start..start+count-1: the i-th output of splitmix64 seeded with `seed`.
+
+    A function of the seed and the document's index alone, so the val draw is the same for any --workers,
+    and the same again when a killed run resumes."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps around on purpose
+        x = np.uint64(seed % 2**64) + (np.arange(start, start + count, dtype=np.uint64) + np.uint64(1)) \
+            * np.uint64(GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class ShardWriter:
+    """Splits documents into val and train and writes train shards of shard_size tokens as they fill, resumably.
+
+    Val is a seeded random sample of whole documents from the whole source: each document has a random key,
+    and val holds the documents of smallest key, among those whose key falls below val_fraction of the key
+    range, until it holds val_tokens. That set can change until the last document is read, so val is kept
+    in memory (at most val_tokens plus one document) and written at the end; a document that leaves it goes
+    to train then. The single document of smallest key is in val even when no key falls below the fraction,
+    so a source of a few documents still gets a val split.
+    """
+
+    def __init__(self, out_dir, options):
         self.out_dir, self.options = out_dir, options
-        self.shard_size, self.val_tokens = shard_size, val_tokens
-        self.shards, self.documents, self.buffer, self.buffered = [], 0, [], 0
-        self.in_val = val_tokens > 0
+        self.shard_size = options["shard_size"]
+        self.val_cap = options["val_tokens"]
+        self.wants_val = options["val_tokens"] > 0 and options["val_fraction"] > 0
+        fraction = options["val_fraction"]
+        self.threshold = None if fraction >= 1 else int(fraction * 2**64)  # keys below it may go to val
+        self.shards, self.documents, self.train_documents = [], 0, 0
+        self.buffer, self.buffered = [], 0  # train tokens not yet in a shard
+        self.val, self.val_size = [], 0  # (key, index, tokens) in key order
 
     def resume(self):
         """Continue an unfinished run of the same options; return how many documents to skip."""
         path = os.path.join(self.out_dir, STATE_FILE)
         if not os.path.isfile(path):
             return 0
-        with open(path) as f:
-            state = json.load(f)
-        if state["options"] != self.options:
-            raise PrepareError(f"{self.out_dir} holds an unfinished run with other options ({state['options']}): "
-                               f"re-run with those, or use an empty --out folder.")
+        with np.load(path) as saved:
+            state = json.loads(saved["state"].tobytes())
+            arrays = {name: saved[name] for name in saved.files}
+        if state["options"] != self.options:  # the state is written with each train shard: there is one at least
+            raise PrepareError(f"{self.out_dir} holds an unfinished run with other options "
+                               f"({option_changes(state['options'], self.options)}) and {len(state['shards'])} "
+                               f"finished train shards: re-run with its options to finish it, or use another "
+                               f"--out folder.")
         for shard in state["shards"]:
             shard_path = os.path.join(self.out_dir, shard["name"])
             if not os.path.isfile(shard_path) or np.load(shard_path, mmap_mode="r").size != shard["tokens"]:
                 raise PrepareError(f"{shard_path} is missing or truncated: delete {self.out_dir} and start again.")
-        self.shards, self.documents, self.in_val = state["shards"], state["documents"], state["in_val"]
-        carry = np.load(os.path.join(self.out_dir, CARRY_FILE))
-        self.buffer, self.buffered = [carry], carry.size
+        self.shards, self.documents = state["shards"], state["documents"]
+        self.train_documents = state["train_documents"]
+        self.buffer, self.buffered = [arrays["carry"]], arrays["carry"].size
+        pieces = np.split(arrays["val_tokens"], np.cumsum(arrays["val_lengths"])[:-1])
+        self.val = [(int(key), int(index), tokens) for key, index, tokens in
+                    zip(arrays["val_keys"], arrays["val_indices"], pieces)] if arrays["val_lengths"].size else []
+        self.val_size = sum(tokens.size for _, _, tokens in self.val)
         return self.documents
 
-    def add(self, tokens):
+    def add(self, tokens, key):
+        """The next document's tokens and its random key."""
+        index, shards = self.documents, len(self.shards)
         self.documents += 1
         if tokens.size == 0:
             return
+        eligible = self.threshold is None or key < self.threshold
+        if self.wants_val and (eligible or not self.val or key < self.val[0][0]):
+            bisect.insort(self.val, (key, index, tokens), key=lambda entry: entry[:2])
+            self.val_size += tokens.size
+            # drop the largest keys while val is full without them (or holds a key beyond the fraction)
+            while len(self.val) > 1:
+                last_key, _, last = self.val[-1]
+                beyond = self.threshold is not None and last_key >= self.threshold
+                if not beyond and self.val_size - last.size < self.val_cap:
+                    break
+                self.val.pop()
+                self.val_size -= last.size
+                self._train(last)
+        else:
+            self._train(tokens)
+        if len(self.shards) > shards:
+            self._save_state()  # at a document's end, where the state is whole
+
+    def _train(self, tokens):
+        self.train_documents += 1
         self.buffer.append(tokens)
         self.buffered += tokens.size
-        if self.in_val and self.buffered >= self.val_tokens:
-            self._write("val", np.concatenate(self.buffer), np.empty(0, dtype=np.uint16))
-            self.in_val = False
-        while not self.in_val and self.buffered >= self.shard_size:
+        while self.buffered >= self.shard_size:
             flat = np.concatenate(self.buffer)
-            self._write("train", flat[: self.shard_size], flat[self.shard_size:])
+            self._write_train(flat[: self.shard_size], flat[self.shard_size:])
 
-    def _write(self, split, tokens, carry):
-        name = f"{split}_{len(self.shards):06d}.npy"
-        self.shards.append(dict(write_shard(self.out_dir, name, tokens), split=split))
+    def _write_train(self, tokens, carry):
+        name = f"train_{len(self.shards) + 1:06d}.npy"
+        self.shards.append(dict(write_shard(self.out_dir, name, tokens), split="train"))
         self.buffer, self.buffered = [carry], carry.size
-        # the carry first, then the state that points at it: a kill between the two repeats no work wrongly
-        atomic_write(os.path.join(self.out_dir, CARRY_FILE), lambda f: np.save(f, carry))
-        state = {"options": self.options, "documents": self.documents, "shards": self.shards, "in_val": self.in_val
-                 and split != "val"}
-        atomic_write(os.path.join(self.out_dir, STATE_FILE), lambda f: f.write(json.dumps(state).encode()))
+
+    def _save_state(self):
+        """Everything a resume needs, in one file written atomically: the state never points at a stale carry."""
+        state = {"options": self.options, "documents": self.documents, "train_documents": self.train_documents,
+                 "shards": self.shards}
+        val_tokens = [tokens for _, _, tokens in self.val]
+        carry = np.concatenate(self.buffer) if self.buffer else np.empty(0, dtype=np.uint16)
+        arrays = dict(state=np.frombuffer(json.dumps(state).encode(), dtype=np.uint8), carry=carry,
+                      val_keys=np.array([key for key, _, _ in self.val], dtype=np.uint64),
+                      val_indices=np.array([index for _, index, _ in self.val], dtype=np.int64),
+                      val_lengths=np.array([t.size for t in val_tokens], dtype=np.int64),
+                      val_tokens=np.concatenate(val_tokens) if val_tokens else np.empty(0, dtype=np.uint16))
+        atomic_write(os.path.join(self.out_dir, STATE_FILE), lambda f: np.savez(f, **arrays))
         delay = float(os.environ.get("GPT2_PREPARE_SHARD_DELAY", "0"))  # test hook: time to kill a run mid-way
         if delay:
             time.sleep(delay)
 
     def finish(self, source, name):
+        """Check the split, write the val shard and the last train shard, then manifest.json."""
+        train_tokens = sum(shard["tokens"] for shard in self.shards) + self.buffered
+        if not train_tokens:
+            if not self.val:
+                raise PrepareError("the source holds no text: every document in it is empty.")
+            if len(self.val) == 1:
+                raise PrepareError(f"the source holds a single document ({self.val_size:,} tokens), and val and "
+                                   f"train each take whole documents: split it into several (a .txt file into "
+                                   f"files: mkdir parts && split -l 200 --additional-suffix=.txt BOOK.txt parts/, "
+                                   f"then --source parts/).")
+            raise PrepareError(f"all {len(self.val)} documents of the source ({self.val_size:,} tokens) were drawn "
+                               f"into the val split: lower --val_fraction (now {self.options['val_fraction']:g}) "
+                               f"or --val_tokens (now {self.val_cap:,}), or give more text.")
         if self.buffered:
-            tokens = np.concatenate(self.buffer)
-            self._write("val" if self.in_val else "train", tokens, np.empty(0, dtype=np.uint16))
-        if not any(shard["split"] == "train" for shard in self.shards):
-            total = sum(shard["tokens"] for shard in self.shards)
-            raise PrepareError(f"the source holds {total:,} tokens, all taken by the val split: lower --val_tokens "
-                               f"(now {self.val_tokens:,}) or give more text." if total else
-                               "the source holds no text: every document in it is empty.")
-        manifest = {"source": source, "name": name, "tokenizer": "gpt2", "dtype": "uint16", "shards": self.shards}
+            self._write_train(np.concatenate(self.buffer), np.empty(0, dtype=np.uint16))
+        shards = self.shards
+        if self.val:
+            val = np.concatenate([tokens for _, _, tokens in sorted(self.val, key=lambda entry: entry[1])])
+            shards = [dict(write_shard(self.out_dir, "val_000000.npy", val), split="val"), *shards]
+        manifest = {"source": source, "name": name, "tokenizer": "gpt2", "dtype": "uint16", "options": self.options,
+                    "documents": {"train": self.train_documents, "val": len(self.val)}, "shards": shards}
         text = json.dumps(manifest, indent=2).encode()
         atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
-        for leftover in (STATE_FILE, CARRY_FILE):
-            os.remove(os.path.join(self.out_dir, leftover))
+        remove_own_files(self.out_dir, [STATE_FILE])
         return manifest
 
 
+def option_changes(before, now):
+    """The options that differ, as 'key X there, Y now'."""
+    return ", ".join(f"{key} {before.get(key)!r} there, {now.get(key)!r} now" for key in now
+                     if before.get(key) != now.get(key))
+
+
+def remove_own_files(out_dir, names):
+    """Remove files that prepare.py writes (shards named as it names them, its state, manifest and their
+    temporary files) from out_dir, and nothing else."""
+    for name in names:
+        if OWN_FILE.match(name) and os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def check_finished(out_dir, options):
+    """A folder that holds a finished run (manifest.json): of the same options, or from an older prepare.py that
+    did not record them, it is prepared again from scratch; of other options, refused."""
+    path = os.path.join(out_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        shards = [shard for shard in manifest["shards"] if isinstance(shard.get("name"), str)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise PrepareError(f"{path} is not a manifest that prepare.py writes: use another --out folder.") from None
+    if manifest.get("options", options) != options:
+        raise PrepareError(f"{out_dir} holds shards prepared with other options "
+                           f"({option_changes(manifest['options'], options)}): use another --out folder, or delete "
+                           f"{out_dir} first.")
+    print(f"{out_dir} holds a finished run of these options: preparing it again")
+    remove_own_files(out_dir, [shard["name"] for shard in shards] + ["manifest.json", STATE_FILE])
+
+
 def prepare(source, out_dir, name=None, split="train", text_field="text", shard_size=100_000_000,
-            val_tokens=10_000_000, workers=None, progress=True):
+            val_tokens=10_000_000, val_fraction=0.1, seed=1337, workers=None, progress=True):
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".write_test")
@@ -230,9 +385,13 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
     except OSError as e:
         raise PrepareError(f"cannot write to output folder {out_dir}: {e.strerror}. Choose a writable --out.") from None
     options = {"source": source, "name": name, "split": split, "text_field": text_field, "shard_size": shard_size,
-               "val_tokens": val_tokens}
-    writer = ShardWriter(out_dir, options, shard_size, val_tokens)
+               "val_tokens": val_tokens, "val_fraction": val_fraction, "seed": seed}
+    writer = ShardWriter(out_dir, options)
     skip = writer.resume()
+    if not skip:
+        check_finished(out_dir, options)
+        # temporary files of a killed write are never read: the next write of that name starts it again
+        remove_own_files(out_dir, [name for name in os.listdir(out_dir) if name.endswith(".tmp")])
     workers = workers or os.cpu_count() or 1
     # spawn, not fork: forking a process that runs threads (W&B, torch) can deadlock the children.
     # started first, so the workers' start-up overlaps with opening the source
@@ -248,8 +407,9 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
         started, tokens_done = time.time(), 0
         results = pool.imap(tokenize_documents, batches) if pool else map(tokenize_documents, batches)
         for tokens, lengths in results:  # imap keeps the input order: the same output for any number of workers
-            for document in np.split(tokens, np.cumsum(lengths)[:-1]):
-                writer.add(document)
+            keys = document_keys(seed, writer.documents, len(lengths))
+            for document, key in zip(np.split(tokens, np.cumsum(lengths)[:-1]), keys.tolist()):
+                writer.add(document, key)
             tokens_done += tokens.size
             if bar is not None:
                 bar.update(len(lengths))
@@ -292,7 +452,12 @@ def main(argv=None):
     parser.add_argument("--split", default="train", help="HF dataset split")
     parser.add_argument("--text_field", default="text", help="field holding the document text")
     parser.add_argument("--shard_size", type=float, default=1e8, help="tokens per train shard")
-    parser.add_argument("--val_tokens", type=float, default=1e7, help="tokens (whole documents) in the val split")
+    parser.add_argument("--val_fraction", type=float, default=0.1,
+                        help="probability that a document is drawn into the val split (default 0.1)")
+    parser.add_argument("--val_tokens", type=float, default=1e7,
+                        help="the most tokens in the val split (default 1e7; whole documents, so it may pass "
+                             "this by less than one)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the random draw of val documents")
     parser.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: all cores)")
     parser.add_argument("--verify", metavar="DIR", help="check the shards in DIR against its manifest.json and exit")
     args = parser.parse_args(argv)
@@ -307,16 +472,33 @@ def main(argv=None):
             return 2 if problems else 0
         if not args.source or not args.out:
             parser.error("--source and --out are required (or --verify DIR)")
-        if args.shard_size < 1 or args.val_tokens < 0:
-            raise PrepareError("--shard_size must be positive and --val_tokens not negative")
+        if args.shard_size < 1 or args.val_tokens < 0 or not 0 <= args.val_fraction <= 1:
+            raise PrepareError("--shard_size must be positive, --val_tokens not negative and --val_fraction "
+                               "between 0 and 1")
         manifest = prepare(args.source, args.out, args.name, args.split, args.text_field, int(args.shard_size),
-                           int(args.val_tokens), args.workers or None)
+                           int(args.val_tokens), args.val_fraction, args.seed, args.workers or None)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    total = sum(s["tokens"] for s in manifest["shards"])
-    print(f"wrote {len(manifest['shards'])} shards, {total:,} tokens, to {args.out}")
+    for line in split_summary(manifest, args.out):
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     return 0
+
+
+def split_summary(manifest, out_dir):
+    """Lines saying what was written, 'train N tokens (share, documents), val ...', and a warning when val is
+    large."""
+    tokens = {split: sum(s["tokens"] for s in manifest["shards"] if s["split"] == split) for split in ("train", "val")}
+    total = sum(tokens.values())
+    parts = [f"{split} {tokens[split]:,} tokens ({tokens[split] / total:.1%}, "
+             f"{manifest['documents'][split]:,} document{'s' * (manifest['documents'][split] != 1)})"
+             for split in ("train", "val")]
+    lines = [f"wrote {len(manifest['shards'])} shards to {out_dir}: {', '.join(parts)}"]
+    if tokens["val"] > VAL_SHARE_WARNING * total:
+        lines.append(f"warning: val holds {tokens['val'] / total:.0%} of the tokens, leaving "
+                     f"{tokens['train'] / total:.0%} for training: lower --val_fraction or --val_tokens, or give "
+                     f"more text.")
+    return lines
 
 
 if __name__ == "__main__":

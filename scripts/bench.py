@@ -86,8 +86,9 @@ def bench(config, steps, warmup, profile=None):
         memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
     return {
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device,
-        "compile": config.compile, "parameters": raw_model.num_params(), "tokens_per_step": tokens_per_step,
-        "grad_accum_steps": grad_accum_steps, "step_ms": 1000 * step_seconds,
+        "compile": config.compile, "optimizer": config.optimizer, "parallel": config.parallel,
+        "batch_size": config.batch_size, "block_size": config.block_size, "parameters": raw_model.num_params(),
+        "tokens_per_step": tokens_per_step, "grad_accum_steps": grad_accum_steps, "step_ms": 1000 * step_seconds,
         "tokens_per_sec": tokens_per_sec, "mfu": mfu(model_flops_per_token(raw_model), tokens_per_sec, peak),
         "memory_bytes": memory, "memory_kind": memory_kind,
     }

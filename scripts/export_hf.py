@@ -1,8 +1,10 @@
-"""Export one of our checkpoints as a Hugging Face GPT2LMHeadModel folder (config.json + model.safetensors).
+"""Export a run (its newest usable checkpoint) or one checkpoint as a Hugging Face GPT-2 folder: config.json,
+model.safetensors and GPT-2's tokenizer files, loadable offline.
 
-    python scripts/export_hf.py out/gpt2_124m/ckpt_019073.pt out/gpt2_124m_hf
+    python scripts/export_hf.py out/gpt2_124m out/gpt2_124m_hf                # a run's out_dir: its newest checkpoint
+    python scripts/export_hf.py out/gpt2_124m/best_019000.pt out/gpt2_124m_hf  # one checkpoint file
     python scripts/export_hf.py out/gpt2_xl/ckpt_010000.dcp out/gpt2_xl_hf    # a sharded (fsdp) checkpoint
-    # then: GPT2LMHeadModel.from_pretrained("out/gpt2_124m_hf"), lm-eval, vLLM, ...
+    # then: AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT), lm-eval, vLLM, ...
 """
 
 import argparse
@@ -11,25 +13,32 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_files import model_weights, try_load  # noqa: E402
-from hf_interop import export_hf  # noqa: E402
+from checkpoint_files import model_weights  # noqa: E402
+from config import ConfigError  # noqa: E402
+from hf_interop import export_hf, export_tokenizer  # noqa: E402
+from scripts.sample import find_checkpoint  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a ckpt_STEP.pt / best_STEP.pt file or .dcp folder written by train.py")
-    parser.add_argument("out_dir", help="folder to write config.json and model.safetensors into")
+    parser.add_argument("checkpoint", help="a run's out_dir (its newest usable checkpoint), or a ckpt_STEP.pt / "
+                                           "best_STEP.pt file or .dcp folder written by train.py")
+    parser.add_argument("out_dir", help="folder to write the model and tokenizer files into")
     args = parser.parse_args(argv)
-    checkpoint, problem = try_load(args.checkpoint, required=("model", "config"))
-    if checkpoint is None:
-        print(f"error: cannot read checkpoint {args.checkpoint}: {problem}", file=sys.stderr)
+    try:
+        path, checkpoint = find_checkpoint(args.checkpoint, required=("model", "config"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        export_hf(model_weights(args.checkpoint, checkpoint), checkpoint["config"], args.out_dir)
+        export_hf(model_weights(path, checkpoint), checkpoint["config"], args.out_dir)
+        export_tokenizer(args.out_dir, checkpoint["config"]["block_size"])
     except OSError as e:
         print(f"error: cannot write {args.out_dir}: {e.strerror}. Choose a folder you can write to.", file=sys.stderr)
         return 2
-    print(f"wrote {args.out_dir}/config.json and model.safetensors")
+    print(f"exported {path} to {args.out_dir}: config.json, model.safetensors and the GPT-2 tokenizer files\n"
+          f"load it with transformers' AutoModelForCausalLM.from_pretrained({args.out_dir!r}) and "
+          f"AutoTokenizer.from_pretrained({args.out_dir!r})")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Plot one or several runs' metrics.jsonl into one PNG: losses, gradient norm, learning rate, throughput.
 
-    python scripts/plot.py out/shakespeare/metrics.jsonl --out out/shakespeare/loss.png
-    python scripts/plot.py out/run_a out/run_b --out compare.png      # a run's folder works too
+    python scripts/plot.py out/shakespeare                            # writes out/shakespeare/loss.png
+    python scripts/plot.py out/run_a out/run_b --out compare.png      # metrics.jsonl files work too
 
 Losses are drawn against steps and against tokens seen (from config.json beside metrics.jsonl).
 """
@@ -22,10 +22,14 @@ def refuse(message):
     raise SystemExit(2)
 
 
+def metrics_path(path):
+    """A run folder's metrics.jsonl, or the file itself."""
+    return os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
+
+
 def read_run(path):
     """(label, records, tokens per step or None) for a metrics.jsonl file or the run folder holding one."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
+    path = metrics_path(path)
     if not os.path.isfile(path):
         refuse(f"{path} not found: pass a run's metrics.jsonl (train.py writes it in out_dir).")
     with open(path, "rb") as f:
@@ -95,9 +99,10 @@ def plot_runs(paths, out):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="metrics.jsonl files or run folders")
-    parser.add_argument("--out", default="loss.png", help="PNG to write")
+    parser.add_argument("--out", help="PNG to write (default: loss.png beside the first run's metrics.jsonl)")
     args = parser.parse_args(argv)
-    print(f"wrote {plot_runs(args.runs, args.out)}")
+    out = args.out or os.path.join(os.path.dirname(metrics_path(args.runs[0])), "loss.png")
+    print(f"wrote {plot_runs(args.runs, out)}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python scripts/sample.py out/shakespeare                      # the newest valid checkpoint in a run's out_dir
     python scripts/sample.py out/shakespeare/best_000300.pt --prompt="ROMEO:" --tokens=100 --temperature=0.8 --top_k=50
+    python scripts/sample.py out/shakespeare --prompt="ROMEO:" --temperature=0     # greedy: the likeliest token each time
 """
 
 import argparse
@@ -13,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_files import latest_valid, model_weights, try_load  # noqa: E402
+from checkpoint_files import REQUIRED_KEYS, latest_valid, model_weights, try_load  # noqa: E402
 from checks import check_device, fail  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.tokenizer import EOT_TOKEN, decode, encode  # noqa: E402
@@ -33,19 +34,29 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load_model(path, device):
-    """The GPT stored in a checkpoint file (or an out_dir's newest valid one), in eval mode on `device`."""
-    if os.path.isdir(path):
+def find_checkpoint(path, required=REQUIRED_KEYS):
+    """(path, checkpoint) of a checkpoint file or .dcp folder, or of a run's out_dir's newest usable checkpoint
+    (each broken one skipped is a warning); a ConfigError says why there is none."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")) and \
+            not path.rstrip(os.sep).endswith(".dcp"):
         found, checkpoint = latest_valid(path, warn=lambda message: print(message, file=sys.stderr))
         if found is None:
-            fail(f"no usable checkpoint (ckpt_STEP.pt / best_STEP.pt) in {path}")
-        path = found
-    else:
-        if not os.path.isfile(path):
-            fail(f"{path}: no such checkpoint file or out_dir")
-        checkpoint, problem = try_load(path)
-        if checkpoint is None:
-            fail(f"checkpoint {path} is unusable ({problem})")
+            raise ConfigError(f"no usable checkpoint (ckpt_STEP.pt / best_STEP.pt) in {path}")
+        return found, checkpoint
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such checkpoint file or out_dir")
+    checkpoint, problem = try_load(path, required)
+    if checkpoint is None:
+        raise ConfigError(f"checkpoint {path} is unusable ({problem})")
+    return path, checkpoint
+
+
+def load_model(path, device):
+    """The GPT stored in a checkpoint file (or an out_dir's newest valid one), in eval mode on `device`."""
+    try:
+        path, checkpoint = find_checkpoint(path)
+    except ConfigError as e:
+        fail(e)
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     model = GPT(GPTConfig(**{k: v for k, v in checkpoint["config"].items() if k in names}))
     model.load_state_dict(model_weights(path, checkpoint))

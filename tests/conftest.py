@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -73,3 +74,38 @@ def run_python(args, timeout=300, env=None):
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+def child_pids(pid):
+    """The processes `pid` started (Linux /proc; none where it is missing)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def run_bounded(args, timeout, env=None):
+    """run_python for a job that may hang, torchrun and its workers: past `timeout` seconds every worker's
+    process group and then the launcher's are killed, and returncode is None. (subprocess.run would kill
+    torchrun alone, and its workers, each in a session of its own, would wait for the process-group timeout.)"""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=full_env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        for group in [*child_pids(process.pid), process.pid]:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stdout, stderr = process.communicate()
+        return subprocess.CompletedProcess(process.args, None, stdout, stderr)
+
+
+def torchrun_bounded(nproc, script, args, timeout, env=None):
+    """`torchrun --standalone --nproc_per_node=nproc script args` through run_bounded."""
+    return run_bounded(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args],
+                       timeout, env)

@@ -29,6 +29,19 @@ def test_files_then_flags_left_to_right(tmp_path):
     assert config.compile is True and config.max_steps == 1000
 
 
+def test_flags_win_wherever_they_stand(tmp_path):
+    """`--max_steps=10 configs/shakespeare.py` runs 10 steps: flags override every file, before or after it."""
+    late = tmp_path / "late.py"
+    late.write_text("max_steps = 300\nlearning_rate = 1e-2\n")
+    shakespeare = os.path.join(ROOT, "configs", "shakespeare.py")
+    config = load_config(["--max_steps=10", shakespeare, "--learning_rate=5e-4", str(late), "--max_steps=12"])
+    assert (config.max_steps, config.learning_rate, config.n_layer) == (12, 5e-4, 4)  # the last flag, then files
+    assert load_config(["--max_steps=10", shakespeare]).max_steps == 10
+    assert "flags override them wherever they stand" in help_text()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert "override every config file wherever they stand" in " ".join(f.read().split())
+
+
 def test_unknown_key_names_the_closest():
     with pytest.raises(ConfigError, match="unknown config key 'learning_rat'.*'learning_rate'"):
         load_config(["--learning_rat=1e-3"])

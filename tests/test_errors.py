@@ -110,6 +110,7 @@ CASES = [  # (extra flags, with {data}/{out} filled in, what is done to the file
     ([], damage_manifest_other, "is not a manifest that data/prepare.py writes"),
     ([], damage_shard_dtype, "int32 tokens, manifest.json says"),
     (["--vocab_size=32", "--resume=never", "--out_dir={out}/new"], None, "holds token id 6"),
+    (["--vocab_size=128", "--sample_tokens=8"], None, "--vocab_size=128 is smaller than the GPT-2 tokenizer's 50257"),
     (["--init_from={out}/hf", "--out_dir={out}/new"], damage_gpt2_folder, "is not a GPT-2 folder that can be read"),
     (["--resume={out}/notes.pt"], damage_resume_text, "not a checkpoint: train.py writes ckpt_STEP.pt"),
     (["--out_dir={out}/config.json/sub"], None, "cannot create or write --out_dir"),
@@ -206,6 +207,27 @@ def test_an_error_every_rank_sees_is_printed_once(token_dir, tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("cannot be read as JSON") == 1 and "[rank" not in result.stderr
     assert 'train.py", line' not in result.stderr
+
+
+def test_full_disk_after_the_shards_of_a_sharded_checkpoint_ends_every_rank_at_once(token_dir, tmp_path):
+    """Rank 0's meta.pt, written after every rank's shards, goes to /dev/full at steps 4 and 6 (test hook):
+    the periodic save at 4 is skipped with a warning, the final one at 6 ends both ranks with one error line,
+    at once rather than after the 300 s a rank would wait in a collective for rank 0."""
+    out = str(tmp_path / "out")
+    started = time.time()
+    result = torchrun(2, "train.py", tiny_args(token_dir, out, "--parallel=fsdp", "--max_steps=6",
+                                               "--checkpoint_interval=2", "--eval_interval=6"),
+                      env={"GPT2_DEBUG_FULL_DISK_STEPS": "4,6"}, timeout=150)
+    print(f"the run took {time.time() - started:.1f}s")
+    assert result.returncode != 0
+    kept = os.path.join(out, "ckpt_000002.dcp")
+    assert (f"warning: no space left for {os.path.join(out, 'ckpt_000004.dcp')}: a checkpoint needs about"
+            in result.stdout and f"the newest checkpoint kept is {kept}. Training goes on" in result.stdout)
+    assert result.stderr.count("error: ") == 1 and 'train.py", line' not in result.stderr, result.stderr
+    assert f"error: no space left for {os.path.join(out, 'ckpt_000006.dcp')}: " in result.stderr
+    assert f"the newest checkpoint kept is {kept}. Free some space, then continue with --resume=auto" in result.stderr
+    assert sorted(n for n in os.listdir(out) if "ckpt" in n or n.startswith(".shared")) == ["ckpt_000002.dcp"]
+    assert torch.load(os.path.join(kept, "meta.pt"), weights_only=True)["step"] == 2
 
 
 def test_an_error_only_rank_1_sees_reaches_the_user(token_dir, tmp_path):

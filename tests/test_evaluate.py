@@ -95,7 +95,7 @@ def test_batched_scores_equal_the_per_example_ones():
     assert min(longest) <= 64 < sorted(longest)[len(longest) // 2] <= 128 < max(longest)  # 64, 128, truncated
     for which, key in ((0, "hellaswag_acc"), (1, "hellaswag_acc_norm")):
         labelled = [dict(e, label=int(losses[which].argmin())) for e, losses in zip(examples, reference)]
-        for batch_tokens in (512, 1024):  # 1-4 examples a batch, some batches with filler rows
+        for batch_tokens in (512, 1024):  # 1-4 examples a batch, the last of a length with fewer
             scores = evaluate_hellaswag(model, labelled, encode, 128, "cpu", batch_tokens=batch_tokens)
             assert scores[key] == 1.0 and scores["hellaswag_examples"] == len(examples), batch_tokens
 
@@ -191,3 +191,31 @@ def test_training_logs_hellaswag_at_each_evaluation(token_dir, tmp_path):
                          "--max_steps=2"))
     scores = [m for m in read_metrics(out) if "hellaswag_acc_norm" in m]
     assert [m["step"] for m in scores] == [0, 2] and all(m["hellaswag_examples"] == 3 for m in scores)
+
+
+def test_hellaswag_leaves_the_compiled_training_graph_static(token_dir, tmp_path, monkeypatch):
+    """HellaSwag at step 0, then training with --compile: every graph dynamo makes has static shapes, the
+    training forward's included. (HellaSwag's (rows, length) differ from the val batches': through the
+    compiled model they would make dynamo mark batch and sequence dynamic, and the training graph compiled
+    after them would be dynamic for the whole run.) A recording backend stands in for inductor: it sees the
+    graphs, without minutes of C++ compilation."""
+    import functools
+
+    import train
+    from tests.conftest import tiny_args
+
+    graphs = []  # (grad enabled: the training forward, any symbolic size among the graph's inputs)
+
+    def recording_backend(graph_module, example_inputs):
+        sizes = [size for x in example_inputs for size in (x.shape if isinstance(x, torch.Tensor) else [x])]
+        graphs.append((torch.is_grad_enabled(), any(isinstance(size, torch.SymInt) for size in sizes)))
+        return graph_module.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording_backend))
+    torch._dynamo.reset()  # no cached graphs or dynamic sizes from an earlier test in this process
+    try:
+        train.main(tiny_args(token_dir, str(tmp_path / "run"), "--compile", "--max_steps=1", "--hellaswag",
+                             f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}"))
+    finally:
+        torch._dynamo.reset()
+    assert any(training for training, _ in graphs) and not any(symbolic for _, symbolic in graphs), graphs

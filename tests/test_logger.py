@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import struct
+import sys
 
 import pytest
 
@@ -162,3 +163,17 @@ def test_explicit_online_mode_without_a_login_is_one_clear_error(token_dir, tmp_
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "error: W&B online mode could not start" in error and "wandb login" in error
+
+
+def test_without_wandb_installed_auto_mode_logs_locally_and_explicit_modes_say_so(token_dir, tmp_path, monkeypatch,
+                                                                                  capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError, as where it is missing
+    monkeypatch.setenv("WANDB_MODE", "offline")  # auto would pick offline: a mode that needs wandb
+    out = str(tmp_path / "run")
+    train.main([arg for arg in tiny_args(token_dir, out, "--max_steps=2") if arg != "--wandb_mode=disabled"])
+    assert "wandb is not installed" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [0, 1]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(token_dir, str(tmp_path / "offline"), "--wandb_mode=offline"))
+    assert exit_info.value.code == 2
+    assert "error: --wandb_mode=offline needs wandb, which is not installed" in capsys.readouterr().err

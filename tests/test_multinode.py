@@ -1,12 +1,14 @@
 """Two "nodes" on one machine with nothing shared on disk: each its own working folder, copy of the data and
 out_dir. Killed after a checkpoint and restarted, the job resumes from rank 0's checkpoint (sent to the
-other node by torch.distributed, not read from its disk) and matches an uninterrupted run exactly.
+other node by torch.distributed, not read from its disk) and matches an uninterrupted run exactly. The same
+nodes under --parallel=fsdp, whose ranks all write into out_dir, are refused at start.
 """
 
 import os
 import signal
 import socket
 import sys
+import time
 
 import torch
 
@@ -20,19 +22,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def node_command(node_rank, port):
+def node_command(node_rank, port, extra=()):
     """torchrun for one of two nodes; --local_addr orders the nodes (c10d gives rank 0 to the lower address),
     is_host says which one serves the rendezvous store."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
             f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
             "--rdzv_id=two_nodes", f"--local_addr=127.0.0.{node_rank + 1}", f"--rdzv_conf=is_host={node_rank == 0}",
-            os.path.join(ROOT, "train.py"), *tiny_args("data", "out", *ARGS)]
+            os.path.join(ROOT, "train.py"), *tiny_args("data", "out", *ARGS, *extra)]
 
 
-def start_nodes(nodes, env=None):
+def start_nodes(nodes, env=None, extra=()):
     """nodes[0] runs rank 0."""
     port = free_port()
-    return [start(node_command(rank, port), env=dict(env or {}), cwd=node) for rank, node in enumerate(nodes)]
+    return [start(node_command(rank, port, extra), env=dict(env or {}), cwd=node) for rank, node in enumerate(nodes)]
 
 
 def test_two_nodes_without_a_shared_filesystem_resume_exactly(tmp_path):
@@ -69,3 +71,24 @@ def test_two_nodes_without_a_shared_filesystem_resume_exactly(tmp_path):
     outputs = [finish(run) for run in start_nodes(nodes[::-1])]
     assert all(code != 0 for code, _ in outputs), outputs
     assert "rank 1 finds out/ckpt_000008.pt, newer than any checkpoint in rank 0's out_dir" in outputs[0][1]
+
+
+def test_fsdp_nodes_without_a_shared_out_dir_are_refused_at_start(tmp_path):
+    """Each node's relative out_dir is its own folder, as on machines without a shared filesystem: the file
+    rank 0 writes into its out_dir is missing on the other node, so every rank exits with one error line."""
+    nodes = [str(tmp_path / f"node{rank}") for rank in (0, 1)]
+    for node in nodes:
+        make_token_shards(os.path.join(node, "data"))
+    started = time.time()
+    outputs = [finish(run, timeout=120) for run in start_nodes(nodes, extra=["--parallel=fsdp"])]
+    took = time.time() - started
+    assert all(code != 0 for code, _ in outputs), outputs
+    both = outputs[0][1] + outputs[1][1]
+    assert both.count("error: ") == 1 and 'train.py", line' not in both, outputs  # torchrun adds its own
+    assert ("error: --parallel=fsdp writes every rank's checkpoint shards into --out_dir=out, but rank 1 cannot see "
+            "rank 0's out (a file rank 0 wrote there is missing): put out_dir on a filesystem every node sees (NFS, "
+            "Lustre, ...), or use --parallel=ddp") in outputs[0][1]
+    assert "parameters:" not in both  # refused before the model is built
+    assert os.listdir(os.path.join(nodes[0], "out")) == [".lock"]  # the check's file is removed
+    assert not os.path.exists(os.path.join(nodes[1], "out"))
+    print(f"refused in {took:.1f}s")  # well inside the 300 s a rank would wait for a lost peer

@@ -1,14 +1,21 @@
-"""MFU against a hand count, --dry_run without data, scripts/plot.py and scripts/bench.py on tiny runs."""
+"""MFU against a hand count, --dry_run (its data check and warnings), the step line and the end-of-run
+summary, scripts/plot.py and scripts/bench.py on tiny runs."""
 
+import importlib
 import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import train
 from metrics import device_peak_flops, meta_model, model_flops_per_token, mfu, peak_flops_for
 from model import GPT
-from tests.conftest import TINY_MODEL, read_metrics, run_python, tiny_args
+from tests.conftest import ROOT, TINY_MODEL, read_metrics, run_python, tiny_args
 
 
 def hand_flops_per_token(n_layer, n_embd, block_size, vocab_size):
@@ -58,20 +65,166 @@ def test_cpu_run_logs_null_mfu_and_plot_draws_two_runs(token_dir, tmp_path):
     assert os.path.getsize(png) > 10_000
 
 
-def test_dry_run_prints_the_numbers_and_exits_without_data(tmp_path):
+def dry_run(capsys, *flags):
+    """(exit code, stdout, stderr) of train.main([... --dry_run]) in this process."""
+    capsys.readouterr()
+    try:
+        code = train.main([*TINY_MODEL, "--batch_size=4", "--total_batch_size=512", "--dry_run", *flags])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_dry_run_prints_the_numbers_and_the_data_without_training(token_dir, tmp_path, capsys):
     out = tmp_path / "never"
-    flags = [*TINY_MODEL, "--vocab_size=512", "--batch_size=4", "--total_batch_size=512", "--max_steps=7",
-             f"--data_dir={tmp_path / 'missing'}", f"--out_dir={out}", "--dry_run"]
-    result = run_python(["train.py", *flags])
-    assert result.returncode == 0, result.stderr
-    real = GPT(train.model_config(train.load_config(flags))).num_params()
-    assert f"parameters: {real:,}" in result.stdout
-    assert "grad_accum_steps: 4" in result.stdout  # 512 / (4 * 32)
-    assert "total tokens: 3,584" in result.stdout  # 512 * 7
-    assert re.search(r"FLOPs per step: [\d.e+]+", result.stdout)
+    flags = ["--vocab_size=512", "--sample_tokens=0", "--max_steps=7", f"--data_dir={token_dir}", f"--out_dir={out}"]
+    code, stdout, _ = dry_run(capsys, *flags)
+    assert code == 0
+    real = GPT(train.model_config(train.load_config([*TINY_MODEL, *flags]))).num_params()
+    assert f"parameters: {real:,}" in stdout
+    assert "grad_accum_steps: 4" in stdout  # 512 / (4 * 32)
+    assert "total tokens: 3,584" in stdout  # 512 * 7
+    assert re.search(r"FLOPs per step: [\d.e+]+", stdout)
     memory = r"weights [\d.]+ GiB, gradients [\d.]+ GiB, optimizer state [\d.]+ GiB, activations [\d.]+ GiB"
-    assert re.search(memory, result.stdout)
+    assert re.search(memory, stdout)
+    assert f"data: {token_dir} holds 12,000 train and 3,000 val tokens" in stdout  # conftest's shards
+    assert "warning: warmup_steps (715) >= max_steps (7)" in stdout  # the default warmup
+    assert "passes" not in stdout  # 3,584 tokens of 12,000
     assert not out.exists()
+
+
+def test_dry_run_warns_of_a_warmup_past_the_end_and_of_repeated_data(token_dir, capsys):
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--max_steps=50", "--warmup_steps=715")
+    assert code == 0
+    assert ("warning: warmup_steps (715) >= max_steps (50): the learning rate is still warming up at the last step "
+            "(7% of learning_rate)") in out and "set --warmup_steps=5" in out
+    # 50 * 512 = 25,600 tokens planned over 12,000 train tokens
+    assert "plans 25,600 tokens" in out and "holds 12,000: about 2.1 passes" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--max_steps=20", "--warmup_steps=2")
+    assert code == 0 and "warning" not in out  # 10,240 tokens, warmup well inside the run
+
+
+def test_dry_run_without_data_ends_with_the_error_a_run_gives(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    code, out, err = dry_run(capsys, f"--data_dir={missing}")
+    assert code == 2 and "total tokens:" in out  # the report first, then the data check
+    run_code, _, run_err = dry_run(capsys, f"--data_dir={missing}", "--dry_run=false", f"--out_dir={tmp_path}/out")
+    assert run_code == 2 and err == run_err
+    assert err.startswith(f"error: no manifest.json in '{missing}'") and "Traceback" not in err
+
+
+def test_raw_text_as_data_dir_gets_a_prepare_command_with_a_new_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("my_texts/more")
+    for name in ("my_texts/a.txt", "my_texts/more/b.txt"):
+        with open(name, "w") as f:
+            f.write("Some text.\n")
+    with open("notes.jsonl", "w") as f:
+        f.write('{"text": "Some text."}\n')
+    expected = {
+        "my_texts/": ("holds raw text (2 .txt files)", "--source my_texts/ --out data/my_texts_tokens"),
+        "notes.jsonl": ("is a .jsonl file of raw text", "--source notes.jsonl --out data/notes_tokens"),
+        ".": ("holds raw text (3 .jsonl/.txt files)", f"--source . --out ../{tmp_path.name}_tokens"),
+    }
+    for data_dir, (what, command) in expected.items():
+        for mode in ("--dry_run", "--dry_run=false"):  # the same line before a real run and in a dry one
+            code, _, err = dry_run(capsys, f"--data_dir={data_dir}", mode, "--out_dir=out", "--device=cpu",
+                                   "--wandb_mode=disabled")
+            assert code == 2 and err.startswith(f"error: --data_dir={data_dir} {what}, not tokenized shards"), err
+            assert f"python data/prepare.py {command}\n" in err and "Traceback" not in err
+    assert sorted(os.listdir(".")) == ["my_texts", "notes.jsonl"]  # the refused runs left no out/ behind
+
+
+def summary_command(printed, name):
+    """The argv of the summary's `name:` command, with `python` as this interpreter (the user's python)."""
+    line = next(line for line in printed.splitlines() if line.startswith(f"  {name}:"))
+    argv = shlex.split(line.split(":", 1)[1])
+    return [sys.executable if argv[0] == "python" else argv[0], *argv[1:]]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models in one thread: with the cores busy, two threads of small ops wait on each other (sampling
+    200 tokens took 15x longer with 2 threads than with 1 on the shared 2-core dev box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands_run(token_dir, tmp_path, capsys,
+                                                                                     one_thread):
+    out = str(tmp_path / "run")
+    args = tiny_args(token_dir, out, "--max_steps=3", "--eval_interval=2", "--warmup_steps=5")
+    capsys.readouterr()
+    train.main(args)
+    printed = capsys.readouterr().out
+    assert "warning: warmup_steps (5) >= max_steps (3)" in printed  # printed before the run, too
+    assert re.search(r"^step +0/3 \| loss [\d.]+ \| .* \| elapsed \d+s \| eta \d+s \| mfu n/a$", printed, re.MULTILINE)
+    elapsed = [m["elapsed_s"] for m in read_metrics(out) if "loss" in m]
+    assert len(elapsed) == 3 and 0 < elapsed[0] < elapsed[1] < elapsed[2]
+    summary = printed[printed.index("run finished at step 3/3 in "):]
+    assert "tokens seen: 768 (3 steps of 256)" in summary
+    vals = [(m["step"], m["val_loss"]) for m in read_metrics(out) if "val_loss" in m]  # steps 0, 2, 3
+    best_step, best = min(vals, key=lambda v: v[1])
+    kept = f"{out}/best_{best_step:06d}.pt" if best_step else "no checkpoint kept at that step"
+    assert f"val loss: final {vals[-1][1]:.4f} (step 3), best {best:.4f} (step {best_step}, {kept})" in summary
+    assert f"out_dir: {out}" in summary
+    # the commands as printed, from this folder: plot in a process of its own (the interpreter's path runs),
+    # sample and export through their main() in this one (no second torch start-up)
+    plot = subprocess.run(summary_command(summary, "plot"), capture_output=True, text=True, timeout=300)
+    assert plot.returncode == 0, plot.stderr
+    with open(os.path.join(out, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name, check in (("sample", f"loaded {out}/ckpt_000003.pt"), ("export", "wrote")):
+        argv = summary_command(summary, name)
+        script = f"{'export_hf' if name == 'export' else name}.py"
+        assert os.path.samefile(argv[1], os.path.join(ROOT, "scripts", script))
+        module = importlib.import_module(f"scripts.{os.path.splitext(os.path.basename(argv[1]))[0]}")
+        capsys.readouterr()
+        assert module.main(argv[2:]) == 0
+        assert check in "".join(capsys.readouterr())
+    assert os.path.isfile(os.path.join(out, "hf", "model.safetensors"))
+    again = summary_command(summary, "continue")
+    assert again[1] == "train.py" and again[-2:] == ["--resume=auto", "--max_steps=6"]
+    train.main(again[2:])  # in this process: the same flags, resumed at step 3
+    printed = capsys.readouterr().out
+    assert f"resumed from {out}/ckpt_000003.pt at step 3" in printed and "run finished at step 6/6" in printed
+
+
+def test_eta_counts_from_the_first_logged_step(monkeypatch):
+    """The first step (with the evaluation before it, or compilation) is slow: the ETA uses its own time
+    only until the mean over later steps exists."""
+    import logger
+
+    clock = iter([100.0, 130.0, 134.0])
+    monkeypatch.setattr(logger.time, "time", lambda: next(clock))
+    progress = logger.Progress(run_started=40.0, max_steps=10)
+    assert progress.at(0, step_seconds=2.0) == {"elapsed_s": 60.0, "eta_s": 18.0}  # 9 steps left at 2 s
+    assert progress.at(1, step_seconds=30.0) == {"elapsed_s": 90.0, "eta_s": 240.0}  # 30 s since step 0, 8 left
+    assert progress.at(3, step_seconds=1.0) == {"elapsed_s": 94.0, "eta_s": 68.0}  # (134 - 100) / 3 s, 6 left
+
+
+def test_a_run_stopped_by_a_signal_ends_with_the_summary(token_dir, tmp_path, capsys, monkeypatch, one_thread):
+    from logger import Progress
+
+    at = Progress.at
+
+    def at_then_sigterm(self, step, step_seconds):  # as if the job were preempted after step 1
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return at(self, step, step_seconds)
+
+    monkeypatch.setattr(Progress, "at", at_then_sigterm)
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    train.main(tiny_args(token_dir, out, "--max_steps=50", "--eval_interval=100"))
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("run stopped by SIGTERM at step 2/50 in "):]
+    assert "tokens seen: 512 (2 steps of 256)" in summary
+    assert summary_command(summary, "continue")[-2:] == ["--resume=auto", "--max_steps=50"]  # its own end
+    assert summary_command(summary, "export")[2] == f"{out}/ckpt_000002.pt"
 
 
 def test_bench_prints_tokens_per_second_on_a_tiny_config(tmp_path):

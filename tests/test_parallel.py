@@ -50,9 +50,10 @@ def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_
             assert abs(r[optimizer]["state"] - full_state / 2) <= 0.02 * full_state, (optimizer, r)
 
 
-def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config():
+def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config(token_dir):
     """GPT-2 XL's config on 8 processes: fsdp holds 1/8 of the weights, gradients and optimizer state."""
-    result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", "--dry_run"], env={"WORLD_SIZE": "8"})
+    result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", f"--data_dir={token_dir}", "--dry_run"],
+                        env={"WORLD_SIZE": "8"})
     assert result.returncode == 0, result.stderr
     assert "parameters: 1,557,686,400" in result.stdout  # GPT-2 XL with the vocab padded to 50304
     lines = {parallel: next(line for line in result.stdout.splitlines()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,9 +40,17 @@ def test_document_count_for_the_progress_bar(tmp_path, kind):
     assert prepare_module.count_documents(write_source(tmp_path, kind)) == len(DOCS)
 
 
-def all_tokens(out_dir):
+def all_tokens(out_dir, split=None):
     manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
-    return manifest, np.concatenate([np.load(os.path.join(out_dir, s["name"])) for s in manifest["shards"]])
+    return manifest, np.concatenate([np.load(os.path.join(out_dir, s["name"])) for s in manifest["shards"]
+                                     if split in (None, s["split"])])
+
+
+def documents_of(tokens):
+    """The documents in a stream of tokens, each preceded by <|endoftext|>."""
+    text = decode(tokens.tolist())
+    assert text.startswith("<|endoftext|>")
+    return text.split("<|endoftext|>")[1:]
 
 
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
@@ -50,18 +59,20 @@ def test_shards_decode_to_the_documents(tmp_path, kind):
     prepare(write_source(tmp_path, kind), out, shard_size=1000, val_tokens=300, workers=1, progress=False)
     manifest, tokens = all_tokens(out)
     assert tokens.dtype == np.uint16
-    expected = np.concatenate([[EOT_TOKEN] + encode(d) for d in DOCS])
-    assert np.array_equal(tokens, expected)
-    assert decode(tokens.tolist()) == "".join("<|endoftext|>" + d for d in DOCS)
+    assert sorted(documents_of(tokens)) == sorted(DOCS)  # every document once, whole, in val or in train
+    val = documents_of(all_tokens(out, "val")[1])
+    assert val == [d for d in DOCS if d in val]  # val keeps the source's order
+    assert tokens.size == sum(1 + len(encode(d)) for d in DOCS)
 
 
 def test_val_shard_first_and_shard_sizes(tmp_path):
     out = str(tmp_path / "out")
-    manifest = prepare(write_source(tmp_path, "jsonl"), out, shard_size=1000, val_tokens=300, workers=1,
-                       progress=False)
+    manifest = prepare(write_source(tmp_path, "jsonl"), out, shard_size=1000, val_tokens=300, val_fraction=0.5,
+                       workers=1, progress=False)
     shards = manifest["shards"]
     assert shards[0]["split"] == "val" and all(s["split"] == "train" for s in shards[1:])
-    assert shards[0]["tokens"] >= 300  # whole documents up to val_tokens
+    longest = max(1 + len(encode(d)) for d in DOCS)
+    assert 300 <= shards[0]["tokens"] < 300 + longest  # whole documents until val holds val_tokens
     assert all(s["tokens"] == 1000 for s in shards[1:-1]) and 0 < shards[-1]["tokens"] <= 1000
     for shard in shards:
         assert np.load(os.path.join(out, shard["name"])).size == shard["tokens"]
@@ -155,7 +166,7 @@ def test_missing_truncated_and_corrupt_shards_are_named(tmp_path):
 @pytest.mark.parametrize("files, message", [
     (None, "no such file or folder"),
     ({"a.txt": b""}, "the source holds no text"),
-    ({"a.txt": b"a few words"}, "all taken by the val split: lower --val_tokens"),
+    ({"a.txt": b"a few words"}, "the source holds a single document (4 tokens)"),
     ({"a.txt": bytes(range(256)) * 4}, "holds text that is not UTF-8"),
     ({"a.txt": "caf\xe9 au lait".encode("latin-1")}, "holds text that is not UTF-8"),
     ({"a.jsonl": b'{"text": "hi"\n'}, "cannot be read: JSON parse error"),
@@ -170,3 +181,111 @@ def test_bad_sources_are_one_error_line(tmp_path, capsys, files, message):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_document_keys_are_splitmix64():
+    def splitmix64(seed, i):  # the reference, in Python integers
+        z = (seed + (i + 1) * 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        return z ^ (z >> 31)
+
+    for seed in (0, 1337, 2**64 - 1):
+        assert prepare_module.document_keys(seed, 1000, 5).tolist() == [splitmix64(seed, i) for i in range(1000, 1005)]
+
+
+MARKED = [f"marker{i:03d} " + " ".join(f"w{(i * 5 + j) % 61}" for j in range(30)) for i in range(100)]
+
+
+def val_markers(out_dir):
+    return sorted(int(d[6:9]) for d in documents_of(all_tokens(out_dir, "val")[1]))
+
+
+def test_val_is_drawn_from_the_whole_source(tmp_path):
+    """100 files, each with its marker: val holds early and late ones, by default and when val_tokens binds."""
+    source = write_source(tmp_path, "txt", MARKED)
+    prepare(source, str(tmp_path / "default"), shard_size=10_000, workers=1, progress=False)
+    drawn = val_markers(tmp_path / "default")
+    assert 3 <= len(drawn) <= 20  # about 10 of 100 drawn; 3..20 holds for this seed (the draw is fixed by it)
+    assert min(drawn) < 30 and max(drawn) >= 70
+    # a cap that 4 documents reach: val keeps the smallest keys of the ~50 drawn, still from across the source
+    smallest = np.argsort(prepare_module.document_keys(1337, 0, 100))[:4].tolist()
+    cap = sum(1 + len(encode(MARKED[i])) for i in smallest[:3]) + 1  # 3 stay below it, so a 4th is taken
+    prepare(source, str(tmp_path / "capped"), shard_size=10_000, val_tokens=cap, val_fraction=0.5, workers=1,
+            progress=False)
+    capped = val_markers(tmp_path / "capped")
+    assert capped == sorted(smallest) and min(capped) < 30 and max(capped) >= 70
+    _, tokens = all_tokens(tmp_path / "capped")
+    assert sorted(documents_of(tokens)) == MARKED  # the documents val let go are in train
+
+
+def test_split_is_printed_and_a_large_val_warned(tmp_path, capsys):
+    source = write_source(tmp_path, "jsonl", MARKED)
+    assert prepare_module.main(["--source", source, "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+    train = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+    documents = manifest["documents"]
+    assert documents["train"] + documents["val"] == 100
+    assert (f"train {train:,} tokens ({train / (train + val):.1%}, {documents['train']} documents), "
+            f"val {val:,} tokens ({val / (train + val):.1%}, {documents['val']} documents)") in captured.out
+    assert "warning" not in captured.out + captured.err
+    few = write_source(tmp_path, "txt", MARKED[:3])  # 3 documents: val takes one of them, about a third
+    assert prepare_module.main(["--source", few, "--out", str(tmp_path / "few"), "--workers", "1"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and re.search(r"val holds 3\d% of the tokens.*lower --val_fraction", warnings[0])
+
+
+def test_the_suggested_retry_after_an_all_val_error_works(tmp_path, capsys):
+    """A small corpus all drawn into val is refused; the command the error suggests then works in the same --out."""
+    source, out = write_source(tmp_path, "txt", MARKED[:20]), str(tmp_path / "mine")
+    assert prepare_module.main(["--source", source, "--out", out, "--workers", "1", "--val_fraction", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "all 20 documents of the source" in error and "lower --val_fraction (now 1)" in error
+    assert os.listdir(out) == []  # nothing left behind that the retry would trip on
+    assert prepare_module.main(["--source", source, "--out", out, "--workers", "1", "--val_fraction", "0.3"]) == 0
+    assert "train " in capsys.readouterr().out
+
+
+def test_other_options_on_a_folder_with_finished_shards_are_refused(tmp_path, monkeypatch):
+    source, out = write_source(tmp_path, "txt", MARKED), str(tmp_path / "out")
+
+    def killed(self, source, name):
+        raise KeyboardInterrupt  # a run stopped after writing train shards, before its manifest
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module.ShardWriter, "finish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(source, out, shard_size=1000, workers=1, progress=False)
+    assert os.path.exists(os.path.join(out, prepare_module.STATE_FILE))
+    with pytest.raises(PrepareError, match=r"unfinished run with other options \(val_fraction 0.1 there, 0.2 now\)"):
+        prepare(source, out, shard_size=1000, val_fraction=0.2, workers=1, progress=False)
+    prepare(source, out, shard_size=1000, workers=1, progress=False)  # the same options finish it
+    reference = str(tmp_path / "reference")
+    prepare(source, reference, shard_size=1000, workers=1, progress=False)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference))
+    for name in os.listdir(reference):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(reference, name), "rb").read(), name
+    with pytest.raises(PrepareError, match=r"prepared with other options \(shard_size 1000 there, 2000 now\)"):
+        prepare(source, out, shard_size=2000, workers=1, progress=False)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "train_000009.npy.tmp").write_bytes(b"cut short")
+    prepare(source, out, shard_size=1000, workers=1, progress=False)  # the same options: prepared again
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference) + ["notes.txt"])
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_local_text_without_the_datasets_library_gives_the_same_shards(tmp_path, monkeypatch, kind):
+    """.txt and .jsonl need no `datasets` (a GPU image may lack it): byte for byte what its builders give."""
+    docs = DOCS[:20] + ["two lines\r\nwith a windows break\n", "", "  trailing spaces and a tab\t\n\n"]
+    source = write_source(tmp_path, kind, docs)
+    prepare(source, str(tmp_path / "with"), shard_size=500, val_tokens=200, workers=1, progress=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    with pytest.raises(ImportError):
+        import datasets  # noqa: F401
+    prepare(source, str(tmp_path / "without"), shard_size=500, val_tokens=200, workers=1, progress=False)
+    names = sorted(os.listdir(tmp_path / "with"))
+    assert names == sorted(os.listdir(tmp_path / "without"))
+    for name in names:
+        assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes(), name

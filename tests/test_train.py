@@ -72,6 +72,26 @@ def test_bare_train_py_points_to_fineweb_preparation(tmp_path):
     assert "data/fineweb10B" in result.stderr and "fineweb-edu" in result.stderr.lower()
 
 
+def test_a_run_refused_at_start_leaves_no_out_dir_it_created(token_dir, tmp_path, monkeypatch):
+    """No data: the folders the run made (out_dir and its parent) are removed again, so nothing is left
+    for the user to clean before the retry; a folder that existed keeps every file. A run that fails after
+    its first metrics line keeps its out_dir."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for out_dir in (existing / "new" / "run", existing):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(tiny_args(str(tmp_path / "no_data"), str(out_dir)))
+        assert exit_info.value.code == 2
+    assert sorted(os.listdir(existing)) == [".lock", "notes.txt"]  # the lock file of the second run only
+    assert (existing / "notes.txt").read_text() == "mine"
+    monkeypatch.setenv("GPT2_DEBUG_NAN_STEPS", "0")  # the first step fails after step 0's val loss is logged
+    failed = tmp_path / "failed" / "run"
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(token_dir, str(failed), "--max_nonfinite_steps=1"))
+    assert "val_loss" in read_metrics(str(failed))[0]  # kept: its out_dir holds what it logged
+
+
 @pytest.mark.parametrize("damage, message", [("remove", "missing"), ("overwrite", "sha256")])
 def test_missing_or_corrupt_shard_is_named(tmp_path, damage, message):
     data_dir = make_token_shards(str(tmp_path / "tokens"))

@@ -1,0 +1,29 @@
+"""Run `python train.py ARGS` (train.main) under torchrun for each ARGS list in a JSON file (the tests give
+one: after a run's teardown, a second run in the same processes lost contact between ranks).
+TEST_PG_TIMEOUT (seconds) replaces the 300 s process-group timeout, so a rank stuck in a collective fails
+the launch within it."""
+
+import functools
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import distributed  # noqa: E402
+import train  # noqa: E402
+
+
+def main():
+    timeout = int(os.environ.get("TEST_PG_TIMEOUT", "300"))
+    train.setup_distributed = functools.partial(distributed.setup_distributed, timeout_seconds=timeout)
+    with open(sys.argv[1]) as f:
+        commands = json.load(f)
+    for argv in commands:
+        if os.environ.get("RANK") == "0":
+            print(f"command: train.py {' '.join(argv)}", flush=True)
+        train.main(argv)
+
+
+if __name__ == "__main__":
+    main()
