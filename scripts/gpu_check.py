@@ -227,12 +227,14 @@ def plan(check):
         for play in s["plays"]:
             shutil.copy(os.path.join(ROOT, "data", "shakespeare", play), source)
     batch = f"--batch_size={4 if check.tiny else 64}"
-    bench_batch = [batch, f"--total_batch_size={s['bench_total_batch_size']}", *s["bench_extra"]]
+    # no samples: the tiny vocab is below the tokenizer's, and a benchmark samples nothing anyway
+    bench_batch = [batch, f"--total_batch_size={s['bench_total_batch_size']}", "--sample_tokens=0", *s["bench_extra"]]
     parts = [
         ("environment", 8, [], [python, os.path.abspath(__file__), "--environment"], parse_json),
-        ("dry_run", 10, [], [python, "train.py", *check.train_args(*bench_batch, "--dry_run")], parse_dry_run),
         ("prepare", 15, [], [python, "data/prepare.py", "--source", source, "--out", check.tokens, "--val_tokens",
                              str(s["val_tokens"]), "--workers", str(s["workers"])], parse_prepare),
+        ("dry_run", 10, ["prepare"], [python, "train.py", *check.train_args(*bench_batch, f"--data_dir={check.tokens}",
+                                                                          "--dry_run")], parse_dry_run),
         ("hellaswag", 25, [], [python, "scripts/bench_hellaswag.py", "--hellaswag_path", check.hellaswag_path,
                                "--examples", str(s["examples"]), "--rounds", str(s["rounds"]), "--device", s["device"],
                                *s["hellaswag_model"], "--json"], parse_json),

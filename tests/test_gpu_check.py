@@ -27,7 +27,7 @@ class Blocked:
 
 sys.meta_path.insert(0, Blocked())
 """
-PARTS = ["environment", "dry_run", "prepare", "hellaswag", "test_cuda", "bench_adamw_ddp", "bench_muon_ddp",
+PARTS = ["environment", "prepare", "dry_run", "hellaswag", "test_cuda", "bench_adamw_ddp", "bench_muon_ddp",
          "bench_adamw_fsdp", "bench_muon_fsdp", "run", "resume"]
 
 

@@ -177,7 +177,7 @@ def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands
     assert plot.returncode == 0, plot.stderr
     with open(os.path.join(out, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    for name, check in (("sample", f"loaded {out}/ckpt_000003.pt"), ("export", "wrote")):
+    for name, check in (("sample", f"loaded {out}/ckpt_000003.pt"), ("export", f"exported {out}/ckpt_000003.pt to ")):
         argv = summary_command(summary, name)
         script = f"{'export_hf' if name == 'export' else name}.py"
         assert os.path.samefile(argv[1], os.path.join(ROOT, "scripts", script))
