@@ -17,8 +17,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from data.shards import atomic_write
 from data.tokenizer import N_VOCAB
+from gpt2_pretrain.atomic import atomic_write
 
 
 class ConfigError(Exception):
@@ -35,6 +35,7 @@ class TrainConfig:
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
     dropout: float = 0.0  # dropout probability (0 for pretraining)
     tie_embeddings: bool = True  # share the token embedding with lm_head, as GPT-2 does
+    init_from: str = ""  # start from a local GPT-2 folder (config.json + model.safetensors) instead of scratch
     # data
     data_dir: str = "data/fineweb10B"  # folder of uint16 .npy shards and manifest.json (data/prepare.py)
     shuffle: bool = True  # visit shards and windows in an order shuffled from the seed each epoch
@@ -56,6 +57,8 @@ class TrainConfig:
     eval_iters: int = 20  # val micro-batches of batch_size sequences per evaluation (whatever the world size)
     sample_tokens: int = 32  # tokens generated for the sample at each evaluation (0 disables)
     sample_prompt: str = "Hello, I'm a language model,"  # prompt of the sample at each evaluation
+    hellaswag: bool = False  # HellaSwag acc and acc_norm at each evaluation (downloads the val set once)
+    hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag val jsonl (fetched if missing)
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model
@@ -63,13 +66,12 @@ class TrainConfig:
     seed: int = 1337  # seed for model init, data order and sampling
     out_dir: str = "out"  # folder for config.json, metrics.jsonl and checkpoints
     log_interval: int = 1  # steps between log lines
+    dry_run: bool = False  # print the resolved config and what follows from it, then exit without training
     # tracking
     wandb_mode: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
     wandb_project: str = "gpt2-pretrain"  # W&B project name
     wandb_run_name: str = ""  # W&B run name (empty: W&B picks one)
-    # tracking extras
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: look up the GPU's dense bf16 peak)
-    dry_run: bool = False  # print the resolved config and what follows from it, then exit without training
     # checkpoints
     checkpoint_interval: int = 500  # steps between checkpoints; one is also written at the end and on SIGTERM/SIGINT
     stop_check_interval: int = 10  # steps between the ranks' checks for SIGTERM/SIGINT under torchrun (a collective)
@@ -77,10 +79,6 @@ class TrainConfig:
     keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
     resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint
     max_nonfinite_steps: int = 10  # NaN/inf steps in a row (each one's update skipped) before the run stops
-    # evaluation extras
-    init_from: str = ""  # start from a local GPT-2 folder (config.json + model.safetensors) instead of scratch
-    hellaswag: bool = False  # HellaSwag acc and acc_norm at each evaluation (downloads the val set once)
-    hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag val jsonl (fetched if missing)
     # muon (used with --optimizer=muon)
     matrix_lr: float = 0.02  # Muon lr for the 2-D matrices inside the blocks
     embedding_lr: float = 0.005  # AdamW lr for wpe and an untied wte, times (n_embd/768)**-0.5

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fused_loss import linear_cross_entropy
+from gpt2_pretrain.fused_loss import linear_cross_entropy
 
 GPT2_VOCAB_SIZE = 50257  # real tokens; ids from here up to vocab_size are padding
 

@@ -11,28 +11,30 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from safetensors import SafetensorError
 
-from allocator import keep_large_allocations_on_heap
-from checkpoint import Checkpointer
-from checkpoint_files import list_checkpoints
-from checks import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
-from config import (ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings,
-                    save_config)
-from configure_optimizers import configure_adamw, configure_muon
+from config import ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings, save_config
+from configure_optimizers import configure_adamw, configure_muon, get_lr, muon_momentum, set_lr, set_muon_momentum
 from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
-from distributed import all_reduce_sum, barrier, env_rank, setup_distributed, teardown_distributed
-from evaluate import HellaSwagError, evaluate_hellaswag, load_hellaswag
-from guards import NonFiniteError, NonFiniteGuard, StopSignal
-from hf_interop import import_hf, mismatched_keys
-from logger import Logger, Progress, run_summary
-from metrics import device_peak_flops, dry_run_report, mfu, model_flops_per_token
+from gpt2_pretrain.allocator import keep_large_allocations_on_heap
+from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
+from gpt2_pretrain.checkpoint.files import list_checkpoints
+from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, print0, setup_distributed,
+                                       teardown_distributed)
+from gpt2_pretrain.dry_run import dry_run_report
+from gpt2_pretrain.errors import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
+from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token
+from gpt2_pretrain.guards import NonFiniteError, NonFiniteGuard, StopSignal, apply_update
+from gpt2_pretrain.hellaswag import HellaSwagError, evaluate_hellaswag, load_hellaswag
+from gpt2_pretrain.hf_interop import import_hf, mismatched_keys
+from gpt2_pretrain.logging import Logger, Progress, run_summary
+from gpt2_pretrain.muon import ShardedMuon
+from gpt2_pretrain.parallel import clip_grad_norm, set_gradient_sync, wrap_model
 from model import GPT, GPTConfig
-from parallel import ShardedMuon, wrap_model
-from step import autocast_context, train_step
 
 
 def grad_accum_steps_for(config, world_size):
@@ -53,7 +55,7 @@ def model_config(config):
                      tie_embeddings=config.tie_embeddings)
 
 
-def make_optimizers(config, model, device_type, log):
+def make_optimizers(config, model, device_type, log=print0):
     """A list of optimizers; each param group carries 'initial_lr', which the schedule scales."""
     if config.optimizer == "muon":
         return configure_muon(model, config.n_embd, config.matrix_lr, config.embedding_lr, config.unembedding_lr,
@@ -62,6 +64,44 @@ def make_optimizers(config, model, device_type, log):
     adamw = configure_adamw(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                             device_type=device_type, log=log)
     return [adamw]
+
+
+def autocast_context(device_type):
+    """bf16 autocast on GPUs; plain float32 on CPU, where bf16 matmuls are slow and inexact."""
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(model, optimizers, next_batch, grad_accum_steps, step, config, info, guard):
+    """One optimizer step, the one scripts/bench.py times too: zero grads -> grad_accum_steps x (batch,
+    forward, backward) -> mean loss over ranks -> clip -> schedule -> the update (skipped when NaN/inf).
+    Returns (mean loss, pre-clip gradient norm) as device tensors, so a GPU step needs no host sync, and the lr."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=info.device)
+    for micro_step in range(grad_accum_steps):
+        x, y = next_batch()
+        if info.ddp:
+            # ddp: only sync gradients on the last micro-step; earlier ones just accumulate locally
+            # (fsdp reduce-scatters on every one, so no whole gradient waits between them: parallel.py)
+            set_gradient_sync(model, micro_step == grad_accum_steps - 1)
+        with autocast_context(info.device_type):
+            _, loss = model(x, y)
+        loss = guard.inject(loss, step)  # test hook: GPT2_DEBUG_NAN_STEPS
+        # scale the loss: each backward() adds into .grad, and we want the mean over micro-steps
+        loss = loss / grad_accum_steps
+        loss_accum += loss.detach()
+        loss.backward()
+    all_reduce_mean(loss_accum, info)
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    grad_norm = clip_grad_norm(model.parameters(), max_norm)  # pre-clip norm, over all shards
+    lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
+    set_lr(optimizers, lr / config.learning_rate)
+    set_muon_momentum(optimizers, muon_momentum(step, final=config.muon_momentum))
+    finite = guard.record(step, loss_accum, grad_norm)  # same on every rank: both are already reduced
+    apply_update(optimizers, finite)  # fused AdamW skips on the device; Muon after one host read (guards.py)
+    return loss_accum, grad_norm, lr
 
 
 def load_gpt2_folder(model, config):
@@ -126,7 +166,6 @@ def generate_sample(model, config, device, step):
 def train(config, info, argv=()):
     grad_accum_steps = grad_accum_steps_for(config, info.world_size)
     device_type = info.device_type
-    log = print if info.is_master else (lambda *args, **kwargs: None)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
@@ -137,8 +176,8 @@ def train(config, info, argv=()):
     train_loader = DataLoader(config.data_dir, "train", shuffle=config.shuffle, **loader_args)
     val_loader = DataLoader(config.data_dir, "val", shuffle=False, **loader_args)
     if train_loader.hashed_bytes + val_loader.hashed_bytes:
-        log(f"checked the sha256 of {(train_loader.hashed_bytes + val_loader.hashed_bytes) / 1e9:.2f} GB of shards "
-            f"against manifest.json in {time.time() - started:.1f}s (not again while they are unchanged)")
+        print0(f"checked the sha256 of {(train_loader.hashed_bytes + val_loader.hashed_bytes) / 1e9:.2f} GB of shards "
+               f"against manifest.json in {time.time() - started:.1f}s (not again while they are unchanged)")
     hellaswag = hellaswag_examples(config, info)
 
     # model: the same initial weights on every rank
@@ -148,7 +187,7 @@ def train(config, info, argv=()):
         load_gpt2_folder(raw_model, config)
     raw_model.to(info.device)
     model, eval_model = wrap_model(raw_model, config, info)  # ddp, or fsdp: raw_model's weights become shards
-    optimizers = make_optimizers(config, raw_model, device_type, log)
+    optimizers = make_optimizers(config, raw_model, device_type)
     # resume: weights, optimizers, loader position and counters from a checkpoint (config.resume), or start fresh
     checkpoints = Checkpointer(config, info, raw_model, optimizers, train_loader)
     start_step = checkpoints.resume()
@@ -159,12 +198,11 @@ def train(config, info, argv=()):
     logger = Logger(config.out_dir, enabled=info.is_master, wandb_mode=config.wandb_mode,
                     wandb_project=config.wandb_project, wandb_run_name=config.wandb_run_name,
                     config=config_to_dict(config), wandb_run_id=checkpoints.wandb_run_id, max_steps=config.max_steps)
-    checkpoints.wandb_run_id = logger.wandb_run_id
-    logger.print(format_config(config))
-    logger.print(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
-                 f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
+    print0(format_config(config))
+    print0(f"parameters: {raw_model.num_params():,} | device: {info.device} | world size: {info.world_size} | "
+           f"grad_accum_steps: {grad_accum_steps} | tokens per step: {config.total_batch_size:,}")
     for warning in plan_warnings(config, train_tokens=sum(tokens.size for tokens in train_loader.tokens)):
-        logger.print(warning)
+        print0(warning)
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
@@ -176,18 +214,20 @@ def train(config, info, argv=()):
     for step in range(start_step, config.max_steps + 1):
         last_step = step == config.max_steps
         stopping = stop.requested(step)
-        if checkpoints.due(step, force=last_step or stopping) or config.eval_iters > 0 and (
-                step % config.eval_interval == 0 or last_step):
+        saving = checkpoints.due(step, final=last_step or stopping)
+        evaluating = config.eval_iters > 0 and (step % config.eval_interval == 0 or last_step)
+        if saving or evaluating:
             guard.check(logger)  # the saved count of NaN/inf steps is complete
-            window_start = None
-        checkpoints.maybe_save(step, force=last_step or stopping, nonfinite_steps=guard.total)
+            window_start = None  # the time spent here is no training step's
+        counters = {"nonfinite_steps": guard.total, "wandb_run_id": logger.wandb_run_id}  # what a checkpoint keeps
+        if saving:
+            checkpoints.save(step, final=last_step or stopping, counters=counters)
         if stopping:
-            logger.print(f"stopped by {stop.received or 'a signal on another rank'} at step {step}; "
-                         f"continue with --resume=auto")
+            print0(f"stopped by {stop.received or 'a signal on another rank'} at step {step}; continue with --resume=auto")
             break
-        if config.eval_iters > 0 and (step % config.eval_interval == 0 or last_step):
+        if evaluating:
             val_loss = evaluate(eval_model, val_loader, config, info)
-            logger.print(f"step {step:5d} | val loss {val_loss:.4f}")
+            print0(f"step {step:5d} | val loss {val_loss:.4f}")
             logger.log({"step": step, "val_loss": val_loss})
             if config.sample_tokens > 0 and (info.is_master or config.parallel == "fsdp"):
                 sample = generate_sample(raw_model, config, info.device, step)  # fsdp: every rank gathers weights
@@ -198,16 +238,16 @@ def train(config, info, argv=()):
                 # sequence dynamic, and the training graph compiled after it would keep them for the whole run
                 scores = evaluate_hellaswag(raw_model, hellaswag, encode, config.block_size, info.device, info.rank,
                                             info.world_size, lambda: autocast_context(device_type))
-                logger.print(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
+                print0(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
                 logger.log({"step": step, **scores})
-            checkpoints.update_best(step, val_loss, nonfinite_steps=guard.total)
+            checkpoints.update_best(step, val_loss, counters=counters)
         if last_step:
             break
 
         if window_start is None:  # the timing window opens at the first step after a log, eval or save
             window_start, window_steps = time.time(), 0
-        loss, grad_norm, lr = train_step(model, raw_model, optimizers, train_loader.next_batch, grad_accum_steps,
-                                         step, config, info, guard)
+        loss, grad_norm, lr = train_step(model, optimizers, train_loader.next_batch, grad_accum_steps, step, config,
+                                         info, guard)
         window_steps += 1
         if step % config.log_interval == 0 or step == config.max_steps - 1:
             guard.check(logger)
@@ -221,7 +261,7 @@ def train(config, info, argv=()):
     stop.close()
     stopped_by = (stop.received or "a signal on another rank") if stopping else None
     for line in run_summary(config, argv, time.time() - started, step, stopped_by, can_sample=config.sample_tokens > 0):
-        logger.print(line)
+        print0(line)
     logger.finish()
     return raw_model
 
@@ -262,14 +302,12 @@ def main(argv=None):
     except ConfigError as e:
         fail(e)
     if config.dry_run:
-        if env_rank() == 0:
-            print("\n".join([format_config(config),
-                             *dry_run_report(config, model_config(config), grad_accum_steps, world_size)]), flush=True)
+        print0(format_config(config), *dry_run_report(config, model_config(config), grad_accum_steps, world_size),
+               sep="\n")
         with reported_as_errors(DataError):  # the shards a run would read: the same error line as a real run
             tokens = split_tokens(config.data_dir)
-        if env_rank() == 0:
-            print("\n".join([f"data: {config.data_dir} holds {tokens['train']:,} train and {tokens['val']:,} val "
-                             f"tokens", *plan_warnings(config, train_tokens=tokens["train"])]))
+        print0(f"data: {config.data_dir} holds {tokens['train']:,} train and {tokens['val']:,} val tokens",
+               *plan_warnings(config, train_tokens=tokens["train"]), sep="\n")
         return 0
     keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
     try:

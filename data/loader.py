@@ -15,7 +15,8 @@ import shlex
 import numpy as np
 import torch
 
-from data.shards import atomic_write, sha256_of
+from data.shards import sha256_of
+from gpt2_pretrain.atomic import atomic_write
 
 
 class DataError(Exception):

@@ -15,28 +15,30 @@ identical whatever --workers, and a killed run re-run with the same arguments sk
 """
 
 import argparse
+import bisect
 import itertools
 import json
-import bisect
+import multiprocessing
 import os
 import re
 import sys
 import time
 import urllib.error
 import urllib.request
-import multiprocessing
 
 import numpy as np
 
 if __name__ == "__main__":  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.shards import atomic_write, sha256_of, write_shard  # noqa: E402
+from data.shards import sha256_of, write_shard  # noqa: E402
 from data.tokenizer import EOT_TOKEN, encode_array  # noqa: E402
+from gpt2_pretrain.atomic import atomic_write  # noqa: E402
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 STATE_FILE = "prepare_state.npz"  # an unfinished run: options, documents read, shards done, val so far, carry
-OWN_FILE = re.compile(r"^((val|train)_\d{6}\.npy|manifest\.json|prepare_state\.npz)(\.tmp)?$")  # names we write
+OWN_FILE = re.compile(r"^((val|train)_\d{6}\.npy|manifest\.json|prepare_state\.npz)(\.tmp(\.\d+)?)?$")  # names we write
+TEMPORARY = re.compile(r"\.tmp(\.\d+)?$")  # atomic_write's PATH.tmp.PID (PATH.tmp: older versions)
 VAL_SHARE_WARNING = 0.2  # a val split above this share of the tokens is worth a warning
 CHUNK_DOCUMENTS = 256  # documents per task sent to a worker
 EOT_ARRAY = np.array([EOT_TOKEN], dtype=np.uint32)
@@ -391,7 +393,7 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
     if not skip:
         check_finished(out_dir, options)
         # temporary files of a killed write are never read: the next write of that name starts it again
-        remove_own_files(out_dir, [name for name in os.listdir(out_dir) if name.endswith(".tmp")])
+        remove_own_files(out_dir, [name for name in os.listdir(out_dir) if TEMPORARY.search(name)])
     workers = workers or os.cpu_count() or 1
     # spawn, not fork: forking a process that runs threads (W&B, torch) can deadlock the children.
     # started first, so the workers' start-up overlaps with opening the source

@@ -1,4 +1,4 @@
-"""The shard files themselves: written atomically, named by their sha256. Shared by prepare.py (which writes
+"""The shard files themselves: written atomically, with their sha256. Shared by prepare.py (which writes
 them) and loader.py (which checks them); numpy only, so neither pulls in the other's imports.
 """
 
@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from gpt2_pretrain.atomic import atomic_write
+
 
 def sha256_of(path):
     digest = hashlib.sha256()
@@ -14,16 +16,6 @@ def sha256_of(path):
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path, write):
-    """Write through a temporary name, fsync, then rename: a crash leaves either nothing or the whole file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(out_dir, name, tokens):

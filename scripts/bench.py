@@ -3,7 +3,7 @@
     python scripts/bench.py configs/gpt2_124m.py --batch_size=16            # same configs and flags as train.py
     python scripts/bench.py configs/shakespeare.py --bench_steps=5 --bench_compile=off
 
-Each step is one call of step.train_step, the function train.py calls (grad_accum_steps micro-steps,
+Each step is one call of train.train_step, the function train.py's loop calls (grad_accum_steps micro-steps,
 clipping, schedule, non-finite guard, optimizer step), on random tokens, so no data is needed. The first
 --bench_warmup steps (compilation, allocator warm-up) are not timed; the timed ones run back to back with
 one device sync at the end, as train.py runs between two log lines. Each compile setting runs in a fresh
@@ -24,17 +24,16 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from allocator import keep_large_allocations_on_heap  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
-from checks import check_device  # noqa: E402
-from distributed import DistInfo  # noqa: E402
-from guards import NonFiniteGuard  # noqa: E402
-from logger import Logger  # noqa: E402
-from metrics import device_peak_flops, format_mfu, mfu, model_flops_per_token  # noqa: E402
+from gpt2_pretrain.allocator import keep_large_allocations_on_heap  # noqa: E402
+from gpt2_pretrain.distributed import DistInfo  # noqa: E402
+from gpt2_pretrain.errors import check_device  # noqa: E402
+from gpt2_pretrain.flops import device_peak_flops, format_mfu, mfu, model_flops_per_token  # noqa: E402
+from gpt2_pretrain.guards import NonFiniteGuard  # noqa: E402
+from gpt2_pretrain.logging import Logger  # noqa: E402
+from gpt2_pretrain.parallel import wrap_model  # noqa: E402
 from model import GPT  # noqa: E402
-from parallel import wrap_model  # noqa: E402
-from step import train_step  # noqa: E402
-from train import grad_accum_steps_for, make_optimizers, model_config  # noqa: E402
+from train import grad_accum_steps_for, make_optimizers, model_config, train_step  # noqa: E402
 
 
 def bench(config, steps, warmup, profile=None):
@@ -60,8 +59,7 @@ def bench(config, steps, warmup, profile=None):
 
     def run(steps):
         for step in range(steps):
-            train_step(model, raw_model, optimizers, lambda: next(batches), grad_accum_steps, step, config, info,
-                       guard)
+            train_step(model, optimizers, lambda: next(batches), grad_accum_steps, step, config, info, guard)
         guard.check(logger)  # reads the NaN/inf flags: waits for the device
 
     run(warmup)

@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data.tokenizer import encode  # noqa: E402
-from evaluate import evaluate_hellaswag, evaluate_hellaswag_per_example, load_examples  # noqa: E402
+from gpt2_pretrain.hellaswag import evaluate_hellaswag, evaluate_hellaswag_per_example, load_examples  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from step import autocast_context  # noqa: E402
+from train import autocast_context  # noqa: E402
 
 WORDS = ("the a man woman dog child runs jumps walks into water slowly quickly then picks up ball and throws it "
          "far away while people watch from side of road holding camera smiling at kitchen table cuts").split()

@@ -12,12 +12,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_files import model_weights, try_load  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.tokenizer import encode  # noqa: E402
-from distributed import setup_distributed, teardown_distributed  # noqa: E402
-from evaluate import HELLASWAG_URL, HellaSwagError, evaluate_hellaswag, load_hellaswag  # noqa: E402
-from hf_interop import import_hf  # noqa: E402
+from gpt2_pretrain.checkpoint.files import model_weights, try_load  # noqa: E402
+from gpt2_pretrain.distributed import setup_distributed, teardown_distributed  # noqa: E402
+from gpt2_pretrain.hellaswag import HELLASWAG_URL, HellaSwagError, evaluate_hellaswag, load_hellaswag  # noqa: E402
+from gpt2_pretrain.hf_interop import import_hf  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import autocast_context  # noqa: E402
 

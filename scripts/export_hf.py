@@ -13,9 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_files import model_weights  # noqa: E402
 from config import ConfigError  # noqa: E402
-from hf_interop import export_hf, export_tokenizer  # noqa: E402
+from gpt2_pretrain.checkpoint.files import model_weights  # noqa: E402
+from gpt2_pretrain.hf_interop import export_hf, export_tokenizer  # noqa: E402
 from scripts.sample import find_checkpoint  # noqa: E402
 
 

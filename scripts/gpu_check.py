@@ -30,6 +30,9 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpt2_pretrain.flops import format_mfu  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_SECONDS = 480  # the whole check on one H200: the budgets below sum to 468, the rest is this script's own
 BENCH_RUNS = [("adamw", "ddp", 60), ("muon", "ddp", 35), ("adamw", "fsdp", 60), ("muon", "fsdp", 35)]
@@ -330,10 +333,6 @@ def gib(value):
     return "" if value is None else f"{value:.2f} GiB"
 
 
-def percent(value):
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
 def markdown(report):
     env = report["environment"]
     lines = ["# GPU check" + (" (--tiny, CPU)" if report["tiny"] else ""), "",
@@ -355,14 +354,14 @@ def markdown(report):
         lines += ["", "## scripts/bench.py", "", "| optimizer | parallel | batch x T | compile | step | tokens/s | MFU | "
                   "peak memory | `--dry_run` estimate |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {b['optimizer']} | {b['parallel']} | {b['batch_size']} x {b['block_size']} | {b['compile']} | "
-                  f"{b['step_ms']:.0f} ms | {b['tokens_per_sec']:,.0f} | {percent(b['mfu'])} | "
+                  f"{b['step_ms']:.0f} ms | {b['tokens_per_sec']:,.0f} | {format_mfu(b['mfu'])} | "
                   f"{gib(b['memory_gib'])} ({b['memory_kind']}) | {gib(b['dry_run_estimate_gib'])} |" for b in bench]
     if "results" in parts.get("run", {}):
         r = parts["run"]["results"]
         tokens = "" if r["tokens_per_sec"] is None else f", {r['tokens_per_sec']:,.0f} tokens/s"
         lines += ["", "## Real run and resume", "", f"- run: {r['steps']} steps, train loss {r['first_loss']:.3f} -> "
                   f"{r['last_loss']:.3f}, val loss {', '.join(f'{v:.3f}' for v in r['val_loss'])}, HellaSwag acc_norm "
-                  f"{', '.join(f'{v:.3f}' for v in r['hellaswag_acc_norm'])}{tokens} (MFU {percent(r['mfu'])}), "
+                  f"{', '.join(f'{v:.3f}' for v in r['hellaswag_acc_norm'])}{tokens} (MFU {format_mfu(r['mfu'])}), "
                   f"checkpoint {gib(r['checkpoint_gib'])}"]
     if "results" in parts.get("resume", {}):
         r = parts["resume"]["results"]

@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint_files import REQUIRED_KEYS, latest_valid, model_weights, try_load  # noqa: E402
-from checks import check_device, fail  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data.tokenizer import EOT_TOKEN, decode, encode  # noqa: E402
+from gpt2_pretrain.checkpoint.files import REQUIRED_KEYS, latest_valid, model_weights, try_load  # noqa: E402
+from gpt2_pretrain.errors import check_device, fail  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 

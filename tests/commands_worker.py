@@ -10,8 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import distributed  # noqa: E402
 import train  # noqa: E402
+from gpt2_pretrain import distributed  # noqa: E402
 
 
 def main():

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.optim._muon as torch_muon  # noqa: E402
 
-import parallel  # noqa: E402
+from gpt2_pretrain import muon  # noqa: E402
 
 
 def newton_schulz_float32(grad, ns_coefficients, ns_steps, eps, *use_addmm):
@@ -37,15 +37,15 @@ def newton_schulz_float32(grad, ns_coefficients, ns_steps, eps, *use_addmm):
 
 @contextlib.contextmanager
 def float32_newton_schulz():
-    """torch.optim.Muon and parallel.ShardedMuon (its rows moved in float32 too) orthogonalize in float32."""
-    saved = torch_muon._zeropower_via_newtonschulz, parallel._zeropower_via_newtonschulz, parallel.NEWTON_SCHULZ_DTYPE
-    torch_muon._zeropower_via_newtonschulz = parallel._zeropower_via_newtonschulz = newton_schulz_float32
-    parallel.NEWTON_SCHULZ_DTYPE = torch.float32
+    """torch.optim.Muon and muon.ShardedMuon (its rows moved in float32 too) orthogonalize in float32."""
+    saved = torch_muon._zeropower_via_newtonschulz, muon._zeropower_via_newtonschulz, muon.NEWTON_SCHULZ_DTYPE
+    torch_muon._zeropower_via_newtonschulz = muon._zeropower_via_newtonschulz = newton_schulz_float32
+    muon.NEWTON_SCHULZ_DTYPE = torch.float32
     try:
         yield
     finally:
-        (torch_muon._zeropower_via_newtonschulz, parallel._zeropower_via_newtonschulz,
-         parallel.NEWTON_SCHULZ_DTYPE) = saved
+        (torch_muon._zeropower_via_newtonschulz, muon._zeropower_via_newtonschulz,
+         muon.NEWTON_SCHULZ_DTYPE) = saved
 
 
 if __name__ == "__main__":

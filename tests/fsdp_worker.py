@@ -24,24 +24,34 @@ from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
 
 import train  # noqa: E402
 from config import load_config  # noqa: E402
-from distributed import setup_distributed, teardown_distributed  # noqa: E402
-from checkpoint_files import load_optimizer_state  # noqa: E402
-from guards import NonFiniteGuard  # noqa: E402
-from parallel import ShardedMuon, optimizer_state_elements, shard_model  # noqa: E402
-from sharded_checkpoint import load_sharded, save_sharded  # noqa: E402
-from step import apply_update, train_step  # noqa: E402
+from gpt2_pretrain.checkpoint.files import load_optimizer_state  # noqa: E402
+from gpt2_pretrain.checkpoint.sharded import load_sharded, save_sharded  # noqa: E402
+from gpt2_pretrain.distributed import setup_distributed, teardown_distributed  # noqa: E402
+from gpt2_pretrain.guards import NonFiniteGuard, apply_update  # noqa: E402
+from gpt2_pretrain.muon import ShardedMuon  # noqa: E402
+from gpt2_pretrain.parallel import shard_model  # noqa: E402
 from tests.conftest import tiny_args  # noqa: E402
 from tests.float32_newton_schulz import float32_newton_schulz  # noqa: E402
 
 MUON_SHAPES = [(8, 5), (5, 8), (7, 3), (1, 4), (16, 16)]  # odd row counts: uneven shards, one rank empty
 
 
+
+def optimizer_state_elements(optimizer):
+    """Elements of optimizer state this rank holds (its shards only under FSDP); step counters left out."""
+    total = 0
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            if torch.is_tensor(value) and name != "step":
+                total += (value.to_local() if isinstance(value, DTensor) else value).numel()
+    return total
+
 def whole(value):
     return value.full_tensor() if isinstance(value, DTensor) else value.detach()
 
 
 def check_muon_against_torch(sharded):
-    """Three Muon steps, the second with NaN gradients and skipped through step.apply_update, against
+    """Three Muon steps, the second with NaN gradients and skipped through guards.apply_update, against
     torch.optim.Muon on whole matrices that is given only the two finite steps: parameters and momentum equal
     bit for bit after every step, so the skipped step changed nothing. sharded: ShardedMuon on fully_shard's
     DTensors (fsdp); else torch.optim.Muon on plain tensors (one process, or each of ddp's ranks)."""
@@ -93,7 +103,7 @@ def check_accumulation(config, info):
         calls.append(1)
         return batches[(len(calls) - 1) * info.world_size + info.rank]
 
-    train_step(model, model, [], next_batch, micro_steps, 0, config, info, NonFiniteGuard(1))
+    train.train_step(model, [], next_batch, micro_steps, 0, config, info, NonFiniteGuard(1))
     reference(x[:, :-1], x[:, 1:])[1].backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         # float32 sums in another order (by rank and micro-step); a dropped or doubled micro-step would be off

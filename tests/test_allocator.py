@@ -8,7 +8,7 @@ from tests.conftest import run_python
 
 PROBE = """
 import sys
-from allocator import keep_large_allocations_on_heap
+from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 
 def own_mappings(size):
     # anonymous mappings at least `size` bytes long, outside the heap

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import train
-from checkpoint import Checkpointer
-from checkpoint_files import atomic_save, list_checkpoints
-from distributed import DistInfo
+from gpt2_pretrain.atomic import atomic_save
+from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
+from gpt2_pretrain.checkpoint.files import list_checkpoints
+from gpt2_pretrain.distributed import DistInfo
 from model import GPT, GPTConfig
 from tests.conftest import read_metrics, run_python, tiny_args
 
@@ -145,7 +146,7 @@ def test_a_non_finite_model_is_never_saved(token_dir, tmp_path):
     checkpoints = Checkpointer(config, DistInfo(), model, [optimizer], loader)
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
-    checkpoints.maybe_save(5, force=True)
+    checkpoints.save(5, final=False, counters={"nonfinite_steps": 0, "wandb_run_id": None})
     assert not os.path.exists(str(tmp_path / "run" / "ckpt_000005.pt"))
 
 

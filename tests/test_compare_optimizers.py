@@ -6,7 +6,6 @@ import math
 import os
 
 import pytest
-
 from conftest import ROOT, make_token_shards, read_metrics, run_python
 
 spec = importlib.util.spec_from_file_location("compare_optimizers", os.path.join(ROOT, "scripts", "compare_optimizers.py"))

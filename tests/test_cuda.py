@@ -82,7 +82,7 @@ def test_one_gpu_torchrun_uses_nccl(token_dir, tmp_path):
 
 
 def test_fused_loss_matches_full_logits_under_bf16_autocast():
-    from fused_loss import linear_cross_entropy
+    from gpt2_pretrain.fused_loss import linear_cross_entropy
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(8192 + 100, 256, device="cuda", generator=generator, requires_grad=True)

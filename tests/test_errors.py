@@ -302,12 +302,12 @@ def test_scripts_refuse_a_file_that_is_not_theirs(trained, capsys):
     assert exit_info.value.code == 2 and "line 1 is not a metrics record" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json.tmp"])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json.tmp.{pid}"])  # {pid}: atomic_write's temporary
 def test_full_disk_at_any_other_write_is_one_error_line(trained, capsys, name):
     data, out = trained
     new = os.path.join(out, "new")
     os.makedirs(new)
-    os.symlink("/dev/full", os.path.join(new, name))  # writes there fail with ENOSPC, from the kernel
+    os.symlink("/dev/full", os.path.join(new, name.format(pid=os.getpid())))  # writes fail with ENOSPC, from the kernel
     before = snapshot(data, out)
     capsys.readouterr()
     expect_error(capsys, tiny_args(data, new, "--max_steps=2"), "no space left on the disk of")

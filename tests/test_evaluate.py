@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import encode
-from evaluate import HellaSwagError, ending_losses, evaluate_hellaswag, fetch_hellaswag, load_examples, render
-from hf_interop import export_hf
+from gpt2_pretrain.hellaswag import (HellaSwagError, ending_losses, evaluate_hellaswag, fetch_hellaswag, load_examples,
+                                     render)
+from gpt2_pretrain.hf_interop import export_hf
 from model import GPT, GPTConfig
 from tests.conftest import run_python
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fused_loss
-from fused_loss import linear_cross_entropy
+from gpt2_pretrain import fused_loss
+from gpt2_pretrain.fused_loss import linear_cross_entropy
 from model import GPT, GPTConfig
 
 

@@ -8,7 +8,7 @@ import torch
 
 import train
 from data.tokenizer import encode, get_encoding
-from hf_interop import export_hf, import_hf
+from gpt2_pretrain.hf_interop import export_hf, import_hf
 from model import GPT, GPTConfig
 from tests.conftest import read_metrics, run_python, tiny_args
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import train
-from logger import Logger, format_line, resolve_wandb_mode
+from gpt2_pretrain.logging import Logger, format_line, resolve_wandb_mode
 from tests.conftest import read_metrics, tiny_args
 
 BLOCK = 32768  # the .wandb file is a leveldb-format log: 32 KiB blocks of checksummed chunks

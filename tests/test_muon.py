@@ -99,7 +99,7 @@ def test_checkpoint_round_trip_of_both_optimizers():
 
 
 def test_a_skipped_nonfinite_step_leaves_muon_untouched():
-    """One process: through step.apply_update, finite steps equal torch.optim.Muon's bit for bit and a NaN step
+    """One process: through guards.apply_update, finite steps equal torch.optim.Muon's bit for bit and a NaN step
     changes no parameter or momentum bit (tests/fsdp_worker.py runs the same check on 2 ranks, ddp and fsdp)."""
     check_muon_against_torch(sharded=False)
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import train
-from metrics import device_peak_flops, meta_model, model_flops_per_token, mfu, peak_flops_for
+from gpt2_pretrain.dry_run import meta_model
+from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token, peak_flops_for
 from model import GPT
 from tests.conftest import ROOT, TINY_MODEL, read_metrics, run_python, tiny_args
 
@@ -196,7 +197,7 @@ def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands
 def test_eta_counts_from_the_first_logged_step(monkeypatch):
     """The first step (with the evaluation before it, or compilation) is slow: the ETA uses its own time
     only until the mean over later steps exists."""
-    import logger
+    from gpt2_pretrain import logging as logger
 
     clock = iter([100.0, 130.0, 134.0])
     monkeypatch.setattr(logger.time, "time", lambda: next(clock))
@@ -207,7 +208,7 @@ def test_eta_counts_from_the_first_logged_step(monkeypatch):
 
 
 def test_a_run_stopped_by_a_signal_ends_with_the_summary(token_dir, tmp_path, capsys, monkeypatch, one_thread):
-    from logger import Progress
+    from gpt2_pretrain.logging import Progress
 
     at = Progress.at
 

@@ -6,9 +6,9 @@ import os
 import re
 
 from configure_optimizers import muon_param_groups
-from metrics import meta_model
+from gpt2_pretrain.dry_run import meta_model
+from gpt2_pretrain.muon import assign_owners, newton_schulz_cost, rank_loads
 from model import GPTConfig
-from parallel import assign_owners, newton_schulz_cost, rank_loads
 from tests.conftest import read_metrics, run_python
 from tests.test_distributed import torchrun
 

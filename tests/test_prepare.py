@@ -16,7 +16,7 @@ import pytest
 import data.prepare as prepare_module
 from data.loader import DataError, DataLoader
 from data.prepare import PrepareError, prepare
-from data.tokenizer import EOT_TOKEN, decode, encode
+from data.tokenizer import decode, encode
 from tests.conftest import ROOT, run_python
 
 DOCS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(40 + i % 13)) for i in range(60)]
@@ -270,7 +270,7 @@ def test_other_options_on_a_folder_with_finished_shards_are_refused(tmp_path, mo
     with pytest.raises(PrepareError, match=r"prepared with other options \(shard_size 1000 there, 2000 now\)"):
         prepare(source, out, shard_size=2000, workers=1, progress=False)
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    (tmp_path / "out" / "train_000009.npy.tmp").write_bytes(b"cut short")
+    (tmp_path / "out" / "train_000009.npy.tmp.4242").write_bytes(b"cut short")  # a killed atomic_write's
     prepare(source, out, shard_size=1000, workers=1, progress=False)  # the same options: prepared again
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference) + ["notes.txt"])
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint_files import load_checkpoint, model_weights
+from gpt2_pretrain.checkpoint.files import load_checkpoint, model_weights
 from model import GPT, GPTConfig
 from tests.conftest import run_python, tiny_args
 from tests.test_resume import DELAY, curve, finish, start, wait_for, workers

@@ -108,8 +108,8 @@ def test_missing_or_corrupt_shard_is_named(tmp_path, damage, message):
 def test_chunked_loss_trains_like_the_full_logits(token_dir, tmp_path, monkeypatch):
     """The step before the chunked loss (the model's loss as F.cross_entropy over the full logits) and now:
     the same losses step after step, and the same weights at the end."""
-    import fused_loss
     import model
+    from gpt2_pretrain import fused_loss
 
     monkeypatch.setattr(fused_loss, "CPU_CHUNK_ELEMENTS", 2**10)  # 8 rows of 128 a chunk: many chunks a step
     args = ["--vocab_size=128", "--max_steps=6", "--checkpoint_interval=6"]
@@ -127,10 +127,9 @@ def test_chunked_loss_trains_like_the_full_logits(token_dir, tmp_path, monkeypat
 
 
 def test_bench_and_train_run_the_same_step_function():
-    import step
     from scripts import bench
 
-    assert train.train_step is step.train_step and bench.train_step is step.train_step
+    assert bench.train_step is train.train_step
 
 
 def test_samples_are_drawn_without_dropout():

@@ -16,10 +16,10 @@ import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 import train  # noqa: E402
-from checks import reported_as_errors  # noqa: E402
 from config import load_config  # noqa: E402
 from data.loader import DataError, DataLoader  # noqa: E402
-from distributed import setup_distributed, teardown_distributed  # noqa: E402
+from gpt2_pretrain.distributed import setup_distributed, teardown_distributed  # noqa: E402
+from gpt2_pretrain.errors import reported_as_errors  # noqa: E402
 
 
 def fail_after(calls, mode):

@@ -1,5 +1,15 @@
 """Guards of the training loop: stop cleanly on SIGTERM/SIGINT, skip updates with a NaN/inf loss or gradient.
 
+A NaN/inf step skips its update: torch's fused AdamW skips inside its kernel (its found_inf input, as the
+AMP grad scaler uses it), with no host sync; any other optimizer (Muon) reads the finite flag on the host
+once and does not step at all, so a skipped step leaves every parameter and state bit for bit as it was.
+Why a host read for Muon rather than a masked update on the device: it is exact by construction, keeps
+torch.optim.Muon's own step under ddp (and ShardedMuon's under fsdp) unchanged, and needs no copies; an
+undo from copies cost a copy of every Muon parameter and momentum each step (about 680 MB at 124M), and
+a masked update would mean our own Muon under ddp too. The price is one wait for the device per step,
+before the Muon step; with the default log_interval=1 the loop reads the loss on the host every step
+anyway.
+
 Test hooks (environment variables, read here only):
     GPT2_DEBUG_NAN_STEPS=3,4    the loss of steps 3 and 4 is NaN (so are their gradients)
     GPT2_DEBUG_STEP_DELAY=0.2   sleep this many seconds each step, so a test can signal a run mid-way
@@ -12,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from distributed import stop_signals_blocked
+from gpt2_pretrain.distributed import print0, stop_signals_blocked
 
 
 class NonFiniteError(Exception):
@@ -97,7 +107,7 @@ class NonFiniteGuard:
                 continue
             self.total += 1
             self.in_a_row += 1
-            logger.print(f"step {step:5d} | non-finite loss {loss.item()} or grad norm {grad_norm.item()}: update "
+            print0(f"step {step:5d} | non-finite loss {loss.item()} or grad norm {grad_norm.item()}: update "
                          f"skipped ({self.in_a_row} in a row, {self.total} in this run)")
             logger.log({"step": step, "nonfinite_steps": self.total})
             if self.in_a_row >= self.max_in_a_row:
@@ -109,3 +119,25 @@ class NonFiniteGuard:
                 )
         self.pending = []
         return finite
+
+
+def skips_on_device(optimizer):
+    """True when the optimizer can skip a non-finite update itself (fused AdamW's found_inf)."""
+    return type(optimizer) is torch.optim.AdamW and optimizer.defaults.get("fused")
+
+
+def apply_update(optimizers, finite):
+    """Step the optimizers unless this step's loss or gradient norm is NaN/inf (`finite`, a device bool)."""
+    finite_on_host = None
+    for optimizer in optimizers:
+        if skips_on_device(optimizer):
+            optimizer.found_inf = (~finite).float()  # 1.0: the kernel leaves weights, moments and step count alone
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            continue
+        if finite_on_host is None:
+            finite_on_host = bool(finite)  # one host sync, the same answer on every rank (loss and norm are reduced)
+        if finite_on_host:
+            optimizer.step()

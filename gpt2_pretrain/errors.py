@@ -207,32 +207,6 @@ def check_shared_out_dir(out_dir, parallel):
                           f".pt checkpoints only rank 0 writes and reads.")
 
 
-class WriteRecorder:
-    """A file for torch.save that keeps the OSError (a full disk, say) of a write that fails: torch words
-    it as "unexpected pos"; leaving the `with` block raises the OSError behind it instead."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data):
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        return self.file.flush()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        if isinstance(value, RuntimeError) and self.error is not None:
-            raise self.error from None
-        return False
-
-
 def tensor_bytes(obj):
     """Bytes of the tensors in a nested checkpoint: about what it takes on disk."""
     if isinstance(obj, torch.Tensor):

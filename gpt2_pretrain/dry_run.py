@@ -1,62 +1,14 @@
-"""Throughput arithmetic: model FLOPs utilization (MFU) and the --dry_run report.
-
-MFU = achieved model FLOP/s / the device's dense bf16 peak, with training FLOPs per token
-6N + 12*n_layer*n_embd*block_size (model.flops_per_token, nanoGPT's convention, N excluding the
-position embedding as nanoGPT counts it). On CPU there is no honest peak, so MFU is None ("n/a").
+"""What a resolved config implies before anything runs (`python train.py ... --dry_run`): parameters, FLOPs,
+GPU memory per process under ddp and fsdp, the largest batch that fits, the time per step at a given MFU.
 """
 
 import copy
 
 import torch
 
-from fused_loss import rows_per_chunk
-from model import GPT, flops_per_token
-
-# dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets.
-# matched in order against torch.cuda.get_device_name(), so the more specific names come first.
-PEAK_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),  # 94 GB, PCIe form factor: lower clocks than the SXM part
-    ("H100", 989e12),
-    ("H200 NVL", 835e12),  # 141 GB, PCIe form factor, as the H100 NVL
-    ("H200", 989e12),
-    ("A100", 312e12),
-]
-
-
-def peak_flops_for(device_name, override=0.0):
-    """Peak FLOP/s of one device named like torch.cuda.get_device_name(); None when unknown."""
-    if override > 0:
-        return override
-    for name, peak in PEAK_FLOPS:
-        if name.lower() in device_name.lower():
-            return peak
-    return None
-
-
-def device_peak_flops(device, override=0.0):
-    """Peak FLOP/s of `device` ("cuda:0", "cpu", ...); None on CPU/MPS or an unknown GPU unless overridden."""
-    if override > 0:
-        return override
-    if not str(device).startswith("cuda"):
-        return None
-    return peak_flops_for(torch.cuda.get_device_name(torch.device(device)))
-
-
-def model_flops_per_token(model):
-    """Training FLOPs per token of a GPT (forward + backward)."""
-    return flops_per_token(model.config, model.num_params(non_embedding=True))
-
-
-def mfu(flops_per_token_value, tokens_per_sec, peak_flops, world_size=1):
-    """Fraction of the peak reached by `tokens_per_sec` summed over `world_size` devices; None without a peak."""
-    if peak_flops is None:
-        return None
-    return flops_per_token_value * tokens_per_sec / (peak_flops * world_size)
-
-
-def format_mfu(value):
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+from gpt2_pretrain.flops import model_flops_per_token, peak_flops_for
+from gpt2_pretrain.fused_loss import rows_per_chunk
+from model import GPT
 
 
 def meta_model(gpt_config):
@@ -75,7 +27,7 @@ def memory_estimate(config, n_params, bf16=True, shards=1, gathered_params=0):
     Activations follow Korthikanti et al. 2022 (34*B*T*C bytes per layer at 2 bytes a value, with flash
     attention so no T*T scores are kept), plus the chunked loss (fused_loss.py): one chunk's logits in
     bf16, float32 and their bf16 gradient, and the float32 gradients of the last hidden states and the
-    lm_head weight it keeps. A rough guide, not a promise: measured peaks are in the README.
+    lm_head weight it keeps. A rough guide, not a promise: measured peaks are in docs/benchmarks.md.
     """
     B, T, C, V = config.batch_size, config.block_size, config.n_embd, config.vocab_size
     value_scale = 1 if bf16 else 2

@@ -17,11 +17,12 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.shards import atomic_write
 from data.tokenizer import EOT_TOKEN, hf_vocab_and_merges
+from gpt2_pretrain.atomic import atomic_path, atomic_write
 from model import GPT2_VOCAB_SIZE
+
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings")
+HF_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings")
 
 
 def hf_config(model_config):
@@ -55,13 +56,13 @@ def export_hf(state_dict, model_config, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     tie = bool(model_config.get("tie_embeddings", True))
     path = os.path.join(out_dir, "model.safetensors")
-    # safetensors creates its file mode 0600 (through a temporary file of its own): give ours the mode any new
-    # file gets under the umask, as the other files here have, then rename it into place
-    save_file(to_hf_state_dict(state_dict, tie), path + ".tmp", metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path + ".tmp", 0o666 & ~umask)
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file(to_hf_state_dict(state_dict, tie), tmp, metadata={"format": "pt"})
+        # safetensors creates its file mode 0600 (through a temporary file of its own): give it the mode any
+        # new file gets under the umask, as the other files here have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     write_json(os.path.join(out_dir, "config.json"), hf_config(model_config))
 
 
@@ -112,5 +113,5 @@ def import_hf(folder, vocab_size=50304):
 
 def mismatched_keys(model_keys, config):
     """Keys where a GPT-2 folder and the requested config disagree, as 'key: folder vs config'."""
-    return [f"{k}: {model_keys[k]} in the folder vs {getattr(config, k)} requested" for k in MODEL_KEYS
+    return [f"{k}: {model_keys[k]} in the folder vs {getattr(config, k)} requested" for k in HF_SHAPE_KEYS
             if model_keys[k] != getattr(config, k)]

@@ -1,91 +1,21 @@
-"""How the model is spread over processes: DDP (every rank holds everything) or FSDP2 (each rank holds a
-shard of every weight, gradient and optimizer state), and the optimizer pieces that need to know it.
-
-    --parallel=ddp   DistributedDataParallel; one process without torchrun needs nothing at all
-    --parallel=fsdp  torch.distributed.fsdp.fully_shard on each block, then on the whole model (the root
-                     unit holds wte, tied to lm_head, wpe and ln_f); bf16 weights gathered for compute and
-                     fp32 gradient reduction on CUDA; the same code under gloo on CPU
-
-Muon under FSDP (ShardedMuon): the momentum is elementwise, so each rank keeps it for its own rows. The
+"""Muon under FSDP (ShardedMuon): the momentum is elementwise, so each rank keeps it for its own rows. The
 Newton-Schulz orthogonalization is not: it needs the whole matrix. Each matrix has an owning rank (by its
 Newton-Schulz cost, largest first to the least-loaded rank: assign_owners); the others send it their
 rows, the owner orthogonalizes the whole matrix once, and sends each rank its rows of the update back.
 Rows travel in bf16: torch's Newton-Schulz casts its input to bf16 before anything else and returns bf16,
-so the bytes are half and the result is torch.optim.Muon's update bit for bit.
-
-Gradient accumulation: DDP syncs only on the last micro-step (earlier ones accumulate locally, costing
-nothing extra: DDP holds whole gradients anyway). FSDP reduce-scatters on every micro-step: turning the
-sync off would make it keep each weight's whole fp32 gradient between micro-steps (6 GB a GPU for
-GPT-2 XL), more than its shards of weights, gradients and optimizer state together, on the memory that
-FSDP is there to save; the reduce-scatters overlap with the backward.
+so the bytes are half and the result is torch.optim.Muon's update bit for bit. Under ddp (or one process)
+the run uses torch.optim.Muon itself.
 """
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
-PARALLEL_MODES = ("ddp", "fsdp")
 # the dtype torch's Newton-Schulz casts its input to before anything else (torch 2.13, and the earlier form
 # of _zeropower_via_newtonschulz that also takes use_addmm), so ShardedMuon moves rows in it: the same
 # update for half of float32's bytes
 NEWTON_SCHULZ_DTYPE = torch.bfloat16
-
-
-def ensure_process_group(info):
-    """FSDP needs a process group even for one process without torchrun: a private one-rank group then."""
-    if not dist.is_initialized():
-        cuda = info.device_type == "cuda"
-        device = torch.device(info.device if ":" in info.device or not cuda else f"cuda:{torch.cuda.current_device()}")
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=device if cuda else None)
-
-
-def shard_model(model, info):
-    """fully_shard each transformer block, then the root (in place: `model` becomes the FSDP module)."""
-    ensure_process_group(info)
-    policy = MixedPrecisionPolicy()  # float32 throughout on CPU
-    if info.device_type == "cuda":
-        # weights gathered in bf16 for the matmuls, gradients reduced in fp32, fp32 master weights kept sharded
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the rest, wte/lm_head's tied weight included, lives in the root unit
-    if info.device_type != "cuda" and hasattr(model, "set_force_sum_reduction_for_comms"):
-        # gloo has no AVG reduction: sum, then divide by the world size ourselves (pytorch issue 162338)
-        model.set_force_sum_reduction_for_comms(True)
-    return model
-
-
-def wrap_model(raw_model, config, info):
-    """(model to train, model to evaluate): sharded or DDP-wrapped, compiled when config.compile."""
-    if config.parallel == "fsdp":
-        shard_model(raw_model, info)
-    model = torch.compile(raw_model) if config.compile else raw_model
-    eval_model = model  # not DDP-wrapped: evaluation needs no gradient sync
-    if config.parallel == "ddp" and info.ddp:
-        model = DDP(model, device_ids=[info.local_rank] if info.device_type == "cuda" else None)
-    return model, eval_model
-
-
-def set_gradient_sync(model, enabled):
-    """DDP: sync gradients on this backward (the last micro-step) or only accumulate locally (earlier ones).
-    An FSDP module is left syncing on every micro-step (see the module docstring)."""
-    if isinstance(model, DDP):
-        model.require_backward_grad_sync = enabled
-
-
-def clip_grad_norm(parameters, max_norm):
-    """Clip to the global norm over every shard; return the pre-clip norm as a plain tensor."""
-    parameters = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in parameters]
-    total_norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(total_norm, DTensor):
-        total_norm = total_norm.full_tensor()  # the sum of squares over all ranks' shards
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
-    return total_norm
 
 
 def row_counts(rows, world_size):
@@ -199,13 +129,3 @@ def orthogonalize(items):
     for handle in scatters:
         handle.wait()
     return results
-
-
-def optimizer_state_elements(optimizer):
-    """Elements of optimizer state this rank holds (its shards only under FSDP); step counters left out."""
-    total = 0
-    for state in optimizer.state.values():
-        for name, value in state.items():
-            if torch.is_tensor(value) and name != "step":
-                total += (value.to_local() if isinstance(value, DTensor) else value).numel()
-    return total

@@ -1,5 +1,6 @@
-"""Checkpoint files: write one atomically, read one (full .pt or sharded .dcp), list, validate and compare them,
-and the random and optimizer states they carry. The run's own saving and resuming is checkpoint.Checkpointer.
+"""Checkpoint files: read one (full .pt or sharded .dcp), list, validate and compare them, and the random and
+optimizer states they carry. The run's own saving and resuming is checkpointer.Checkpointer; files are written
+with atomic.atomic_save.
 """
 
 import json
@@ -12,13 +13,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from checks import WriteRecorder
 from config import ConfigError, config_to_dict
-from data.shards import atomic_write
-from sharded_checkpoint import SHARDED, fsync_directory, is_sharded_checkpoint, load_full_weights, read_meta
+from gpt2_pretrain.atomic import atomic_write
+from gpt2_pretrain.checkpoint.sharded import SHARDED, is_sharded_checkpoint, load_full_weights, read_meta
 
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
+RESUME_MUST_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
 REQUIRED_KEYS = ("model", "optimizers", "step", "config", "ranks")
 
 
@@ -27,24 +27,6 @@ def clean_state_dict(model):
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model.state_dict()
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, flush and fsync, then rename: a crash mid-save leaves `path` as it was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
-                torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_directory(directory)  # make the rename itself durable
 
 
 def load_checkpoint(path, device="cpu"):
@@ -97,7 +79,7 @@ def compare_configs(saved, config):
     requested = config_to_dict(config)
     differ = [k for k in requested if k != "resume" and saved.get(k) != requested[k]]
     refused = [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested"
-               for k in differ if k in MODEL_KEYS]
+               for k in differ if k in RESUME_MUST_MATCH]
     if refused:
         raise ConfigError("the checkpoint holds a different model; differing keys:\n  " + "\n  ".join(refused) +
                           "\nResume with the checkpoint's values, or start a new run in another --out_dir.")

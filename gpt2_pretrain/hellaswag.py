@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from gpt2_pretrain.atomic import atomic_write
+
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
 
@@ -30,8 +32,8 @@ class HellaSwagError(Exception):
 
 
 def fetch_hellaswag(path, url=HELLASWAG_URL, timeout=30):
-    """The path of the HellaSwag val jsonl, downloading it there first if it is missing (into a temporary file
-    of this process's own, renamed into place: a reader never sees half a file)."""
+    """The path of the HellaSwag val jsonl, downloading it there first if it is missing (written atomically:
+    a reader never sees half a file)."""
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -41,14 +43,7 @@ def fetch_hellaswag(path, url=HELLASWAG_URL, timeout=30):
     except OSError as e:
         raise HellaSwagError(f"could not download HellaSwag from {url} ({e}). Download hellaswag_val.jsonl "
                              f"by hand to {path}, or turn it off with --hellaswag=false.") from None
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: f.write(data))
     return path
 
 

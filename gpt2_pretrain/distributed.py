@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from checks import check_device
+from gpt2_pretrain.errors import check_device
 
 
 @dataclass
@@ -38,6 +38,12 @@ class DistInfo:
 def env_rank():
     """This process's rank from torchrun's environment, before any process group exists."""
     return int(os.environ.get("RANK", "0"))
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (a single process is rank 0), flushed: the one way the run talks to its user."""
+    if env_rank() == 0:
+        print(*args, **kwargs, flush=True)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ A checkpoint is one torch file of plain data, so `torch.load(weights_only=True)`
 rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss and the W&B run id.
 Files in out_dir: ckpt_STEP.pt (the last keep_last of them) and best_STEP.pt (lowest val loss so far).
 A sharded run (--parallel=fsdp) writes folders ckpt_STEP.dcp/ and best_STEP.dcp/ instead, each rank its own
-shards (sharded_checkpoint.py). Reading, listing and checking checkpoint files: checkpoint_files.py.
+shards (sharded.py). Reading, listing and checking checkpoint files: files.py.
 A checkpoint at step s holds the state before step s's evaluation and update (best_val_loss included),
 so a resumed run starts its loop at s and repeats exactly what the uninterrupted run did from there.
 """
@@ -17,12 +17,15 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from checkpoint_files import (CHECKPOINT_NAME, atomic_save, clean_state_dict, compare_configs, latest_valid,
-                              list_checkpoints, load_checkpoint, load_optimizer_state, newer_elsewhere, rng_state,
-                              set_rng_state, trim_metrics, try_load)
-from checks import failed_save_message
 from config import ConfigError, config_to_dict
-from sharded_checkpoint import SHARDED, link_copy, load_sharded, save_sharded, training_state, weights_finite
+from gpt2_pretrain.atomic import atomic_save
+from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, clean_state_dict, compare_configs, latest_valid,
+                                            list_checkpoints, load_checkpoint, load_optimizer_state, newer_elsewhere,
+                                            rng_state, set_rng_state, trim_metrics, try_load)
+from gpt2_pretrain.checkpoint.sharded import (SHARDED, link_copy, load_sharded, save_sharded, training_state,
+                                              weights_finite)
+from gpt2_pretrain.distributed import print0
+from gpt2_pretrain.errors import failed_save_message
 
 
 class Checkpointer:
@@ -31,17 +34,16 @@ class Checkpointer:
     def __init__(self, config, info, model, optimizers, loader):
         self.config, self.info = config, info
         self.model, self.optimizers, self.loader = model, optimizers, loader
-        self.log = print if info.is_master else (lambda *args, **kwargs: None)
         self.sharded = config.parallel == "fsdp"  # each rank writes its shards with DCP, into a folder
         self.suffix = ".dcp" if self.sharded else ".pt"
         self.best_val_loss = math.inf
-        self.wandb_run_id = None
-        self.nonfinite_steps = 0
+        self.wandb_run_id = None  # the resumed run's W&B id (the logger continues it), None when fresh
+        self.nonfinite_steps = 0  # the resumed run's count of skipped NaN/inf steps
         self.start_step = 0
         self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
         self._rank_state = None
 
-    def _pick(self):
+    def _pick_on_rank0(self):
         """Rank 0's choice: (path, checkpoint) or (None, None); raises ConfigError for a refused one."""
         config, out_dir = self.config, self.config.out_dir
         if config.resume == "never":
@@ -51,7 +53,7 @@ class Checkpointer:
                                   f"continue them with --resume=auto, or start over in another --out_dir.")
             return None, None
         if config.resume == "auto":
-            return latest_valid(out_dir, warn=self.log)
+            return latest_valid(out_dir, warn=print0)
         if not os.path.isfile(config.resume):
             raise ConfigError(f"--resume={config.resume}: no such checkpoint file (use auto, never or a path).")
         checkpoint, problem = try_load(config.resume)
@@ -59,13 +61,13 @@ class Checkpointer:
             raise ConfigError(f"checkpoint {config.resume} is unusable ({problem}).")
         return config.resume, checkpoint
 
-    def _choose(self):
+    def _pick_and_broadcast(self):
         """Rank 0 picks the checkpoint (or none) and sends its contents to every rank: other nodes need no
         copy of out_dir, which without a shared filesystem only rank 0's node has. (path, checkpoint)"""
         path, checkpoint, problem = None, None, None
         if self.info.is_master:
             try:
-                path, checkpoint = self._pick()
+                path, checkpoint = self._pick_on_rank0()
             except ConfigError as e:
                 problem = str(e)  # every rank raises it below: none is left waiting for the broadcast
         if self.info.ddp:
@@ -79,10 +81,10 @@ class Checkpointer:
 
     def resume(self):
         """Restore weights, optimizers, loader and counters from the chosen checkpoint; return the start step."""
-        path, checkpoint = self._choose()
+        path, checkpoint = self._pick_and_broadcast()
         if path is not None:
             for change in compare_configs(checkpoint["config"], self.config):
-                self.log(f"resume: config changed since the checkpoint, {change}")
+                print0(f"resume: config changed since the checkpoint, {change}")
             if checkpoint["model"] == SHARDED:
                 load_sharded(path, self.model, self.optimizers, load_optimizer_state)
             elif self.sharded:
@@ -93,7 +95,7 @@ class Checkpointer:
                     load_optimizer_state(optimizer, state)
             ranks = checkpoint["ranks"]
             if len(ranks) != self.info.world_size:
-                self.log(f"resume: world size {len(ranks)} -> {self.info.world_size}: the data order is kept, "
+                print0(f"resume: world size {len(ranks)} -> {self.info.world_size}: the data order is kept, "
                          f"random states are reused round robin")
             self._rank_state = ranks[self.info.rank % len(ranks)]
             self.loader.load_state_dict(ranks[0]["loader"] if len(ranks) != self.info.world_size
@@ -103,9 +105,9 @@ class Checkpointer:
             self.wandb_run_id = checkpoint.get("wandb_run_id")
             self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
             self.last_saved = (self.start_step, path)
-            self.log(f"resumed from {path} at step {self.start_step}")
+            print0(f"resumed from {path} at step {self.start_step}")
             if self.start_step >= self.config.max_steps:
-                self.log(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
+                print0(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
         if self.info.is_master:
             trim_metrics(self.config.out_dir, self.start_step)
         return self.start_step
@@ -115,7 +117,7 @@ class Checkpointer:
         if self._rank_state is not None:
             set_rng_state(self._rank_state["rng"], self.info.device)
 
-    def _state(self, step, nonfinite_steps):
+    def _state(self, step, counters):
         """The whole checkpoint on rank 0 (None elsewhere): each rank's loader and RNG states are gathered."""
         rank_state = {"rng": rng_state(self.info.device), "loader": self.loader.state_dict()}
         ranks = [rank_state]
@@ -132,8 +134,8 @@ class Checkpointer:
             "ranks": ranks,
             "world_size": self.info.world_size,
             "best_val_loss": self.best_val_loss,
-            "wandb_run_id": self.wandb_run_id,
-            "nonfinite_steps": nonfinite_steps,
+            "wandb_run_id": counters["wandb_run_id"],
+            "nonfinite_steps": counters["nonfinite_steps"],
         }
 
     def _write(self, checkpoint, path, final=False):
@@ -142,7 +144,7 @@ class Checkpointer:
         its final save."""
         if self.sharded:
             if not weights_finite(self.model):
-                self.log(f"warning: weights are non-finite: not saving {path}")
+                print0(f"warning: weights are non-finite: not saving {path}")
                 return False
             try:
                 save_sharded(checkpoint, path, self.model, self.optimizers)
@@ -151,14 +153,14 @@ class Checkpointer:
         elif checkpoint is None:
             return False
         elif not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
-            self.log(f"warning: weights are non-finite at step {checkpoint['step']}: not saving {path}")
+            print0(f"warning: weights are non-finite at step {checkpoint['step']}: not saving {path}")
             return False
         else:
             try:
                 atomic_save(checkpoint, path)
             except OSError as e:
                 return self._failed(path, checkpoint, e, final)
-        self.log(f"saved checkpoint {path}")
+        print0(f"saved checkpoint {path}")
         return True
 
     def _failed(self, path, checkpoint, error, final):
@@ -174,24 +176,23 @@ class Checkpointer:
             problem = box[0]
         if final:
             raise ConfigError(f"{problem}. Free some space, then continue with --resume=auto.") from None
-        self.log(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")
+        print0(f"warning: {problem}. Training goes on and tries again at the next checkpoint.")
         return False
 
-    def due(self, step, force):
-        """Whether maybe_save(step, force) writes: every checkpoint_interval steps, and when forced."""
-        return step > self.start_step and (force or step % self.config.checkpoint_interval == 0)
+    def due(self, step, final):
+        """Whether the loop saves at `step`: every checkpoint_interval steps, and at the run's last step."""
+        return step > self.start_step and (final or step % self.config.checkpoint_interval == 0)
 
-    def maybe_save(self, step, force, nonfinite_steps=0):
-        """Save every checkpoint_interval steps, and when forced (end of training, a stop signal)."""
-        if not self.due(step, force):
-            return
-        checkpoint = self._state(step, nonfinite_steps)
+    def save(self, step, final, counters):
+        """Write ckpt_STEP; `final` (end of training, a stop signal): a failed write stops the run.
+        counters: {"nonfinite_steps": ..., "wandb_run_id": ...} as the run has them now."""
+        checkpoint = self._state(step, counters)
         path = os.path.join(self.config.out_dir, f"ckpt_{step:06d}{self.suffix}")
-        if self._write(checkpoint, path, final=force) and self.info.is_master:
+        if self._write(checkpoint, path, final=final) and self.info.is_master:
             self.prune()
         self.last_saved = (step, path)
 
-    def update_best(self, step, val_loss, nonfinite_steps=0):
+    def update_best(self, step, val_loss, counters):
         """After an evaluation: a new best val loss gets best_STEP.pt (a hard link when ckpt_STEP.pt exists)."""
         if step == 0 or not val_loss < self.best_val_loss:
             return  # the random init is no checkpoint to keep
@@ -210,7 +211,7 @@ class Checkpointer:
                         atomic_save(load_checkpoint(self.last_saved[1]), path)  # no hard links on this filesystem
                 self.prune()
             return
-        checkpoint = self._state(step, nonfinite_steps)
+        checkpoint = self._state(step, counters)
         if self._write(checkpoint, path) and self.info.is_master:
             self.prune()
 

@@ -9,7 +9,7 @@ checkpoint is a folder, out_dir/ckpt_STEP.dcp/ (or best_STEP.dcp/):
 Atomic like a .pt checkpoint: every rank writes into ckpt_STEP.dcp.tmp/, and rank 0 renames the folder
 once all of them are done, so a killed save never replaces the last good checkpoint. A write that fails on
 any rank (a full disk) raises the same OSError on every rank, so none is left waiting for the others.
-Every rank must see the same out_dir: checks.check_shared_out_dir refuses a run where they do not.
+Every rank must see the same out_dir: errors.check_shared_out_dir refuses a run where they do not.
 
 Test hook: GPT2_DEBUG_FULL_DISK_STEPS=4,6 makes rank 0 write the meta.pt of the checkpoints at those steps
 into /dev/full, whose writes fail with ENOSPC: a disk that fills up once every rank's shards are written.
@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
-from checks import WriteRecorder
+from gpt2_pretrain.atomic import WriteRecorder, fsync_directory
 
 SHARDED = "sharded"  # a checkpoint's "model" and "optimizers" when they live in the shard files
 META = "meta.pt"
@@ -43,14 +43,6 @@ def read_meta(path):
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"{path} has no .metadata")
     return torch.load(os.path.join(path, META), map_location="cpu", weights_only=True)
-
-
-def fsync_directory(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def weights_finite(model):

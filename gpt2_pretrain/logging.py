@@ -14,10 +14,12 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from checkpoint_files import list_checkpoints
 from config import ConfigError
+from gpt2_pretrain.checkpoint.files import list_checkpoints
+from gpt2_pretrain.distributed import print0
+from gpt2_pretrain.flops import format_mfu
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py, scripts/
 
 
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
@@ -104,7 +106,7 @@ def format_line(metrics, max_steps=None):
     if "eta_s" in metrics:
         parts.append(f"eta {duration(metrics['eta_s'])}")
     if "mfu" in metrics:
-        parts.append("mfu n/a" if metrics["mfu"] is None else f"mfu {100 * metrics['mfu']:.1f}%")
+        parts.append(f"mfu {format_mfu(metrics['mfu'])}")
     return " | ".join(parts)
 
 
@@ -148,7 +150,7 @@ class Logger:
             if wandb_mode != "auto":
                 raise ConfigError(f"--wandb_mode={wandb_mode} needs wandb, which is not installed: pip install wandb, "
                                   f"or use --wandb_mode=disabled.") from None
-            self.print("wandb is not installed: logging to stdout and metrics.jsonl only")
+            print0("wandb is not installed: logging to stdout and metrics.jsonl only")
             return
 
         def start(mode):
@@ -164,21 +166,17 @@ class Logger:
             if wandb_mode == "online":
                 raise ConfigError(f"W&B online mode could not start ({type(e).__name__}: {e}). Log in with "
                                   f"`wandb login` or set WANDB_API_KEY, or use --wandb_mode=offline.") from None
-            self.print(f"W&B online mode could not start ({type(e).__name__}: {e}); logging offline instead")
+            print0(f"W&B online mode could not start ({type(e).__name__}: {e}); logging offline instead")
             run = start("offline")
         self.wandb = run
         self.wandb_run_id = run.id
-
-    def print(self, *args, **kwargs):
-        if self.enabled:
-            print(*args, **kwargs, flush=True)
 
     def log(self, metrics):
         """One step's metrics: the stdout line, a metrics.jsonl line, and W&B."""
         if not self.enabled:
             return
         if "loss" in metrics:
-            self.print(format_line(metrics, self.max_steps))
+            print0(format_line(metrics, self.max_steps))
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -188,7 +186,7 @@ class Logger:
     def log_sample(self, step, text):
         if not self.enabled:
             return
-        self.print(f"sample at step {step}: {text!r}")
+        print0(f"sample at step {step}: {text!r}")
         if self.wandb is not None:
             import wandb
 
