@@ -112,6 +112,13 @@ def pick_best(losses):
     return min(finite, key=finite.get)
 
 
+def sweep_edge(best, lrs):
+    """'smallest' or 'largest' when the picked lr is an end of a sweep of several lrs, else None."""
+    if len(lrs) < 2 or min(lrs) < best < max(lrs):
+        return None
+    return "smallest" if best == min(lrs) else "largest"
+
+
 def steps_to_reach(curve, target):
     """First step (linearly interpolated between evaluations) at which the val loss is <= target, else None."""
     if curve and curve[0][1] <= target:
@@ -195,6 +202,9 @@ def report(result):
         final = "a run diverged" if final is None else (f"{final['mean']:.4f} +- {final['std']:.4f} "
                                                         f"(min {final['min']:.4f}, max {final['max']:.4f})")
         lines.append(f"| {opt} | {swept} | {result['best_lr'][opt]:g} | {final} |")
+    for opt, edge in result["best_at_edge"].items():
+        if edge:
+            lines.append(f"\n{opt}: the best lr is the sweep's {edge}; an lr beyond it may do better: extend the sweep")
     lines += ["", "| seed | adamw final val | muon final val | fraction of AdamW's steps Muon needs |",
               "|---|---|---|---|"]
     for seed in result["seeds"]:
@@ -213,8 +223,8 @@ def report(result):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adamw_lrs", type=float, nargs="+", default=[2e-3, 6e-3, 1.8e-2])
-    parser.add_argument("--muon_lrs", type=float, nargs="+", default=[0.01, 0.03, 0.09])
+    parser.add_argument("--adamw_lrs", type=float, nargs="+", default=[6.7e-4, 2e-3, 6e-3, 1.8e-2])
+    parser.add_argument("--muon_lrs", type=float, nargs="+", default=[3.3e-3, 0.01, 0.03, 0.09])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339], help="the sweep uses the first")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--n_layer", type=int, default=6)
@@ -275,6 +285,7 @@ def main(argv=None):
                             "embedding_lr, unembedding_lr": "train.py's defaults"},
         "sweep": {opt: {str(lr): entry(sweep_runs[(opt, lr)]) for lr in lrs[opt]} for opt in lrs},
         "best_lr": best_lr,
+        "best_at_edge": {opt: sweep_edge(best_lr[opt], lrs[opt]) for opt in lrs},
         "tuned": {opt: {str(seed): entry(tuned[(opt, seed)]) for seed in args.seeds} for opt in lrs},
         "final_val_loss": {opt: spread(finals[opt]) for opt in lrs},
         "fraction": {"per_seed": {str(seed): fraction for seed, fraction in fractions.items()},

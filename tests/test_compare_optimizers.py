@@ -86,3 +86,13 @@ def test_sweep_then_tuned_runs(tmp_path):
         assert reported is None if reach is None else reported == pytest.approx(fractions[-1], rel=1e-12)
     if None not in fractions:
         assert report["fraction"]["summary"]["mean"] == pytest.approx(sum(fractions) / len(fractions), rel=1e-12)
+
+
+def test_a_best_lr_at_the_end_of_its_sweep_is_flagged():
+    assert compare.sweep_edge(1e-3, [1e-3, 3e-3, 9e-3]) == "smallest"
+    assert compare.sweep_edge(9e-3, [3e-3, 1e-3, 9e-3]) == "largest"
+    assert compare.sweep_edge(3e-3, [1e-3, 3e-3, 9e-3]) is None
+    assert compare.sweep_edge(1e-3, [1e-3]) is None  # one lr is no sweep
+    assert "extend the sweep" in compare.report({
+        "sweep": {}, "final_val_loss": {}, "best_lr": {}, "best_at_edge": {"adamw": "smallest"},
+        "seeds": [], "fraction": {"per_seed": {}, "summary": None}})
