@@ -137,7 +137,7 @@ def evaluate(model, val_loader, config, info):
     model.eval()
     windows = min(config.eval_iters * config.batch_size, val_loader.windows_per_epoch)
     per_call = config.batch_size * info.world_size
-    val_loader.position = 0
+    val_loader.rewind()
     loss_sum = torch.zeros((), device=info.device, dtype=torch.float64)
     for call in range((windows + per_call - 1) // per_call):
         x, y = val_loader.next_batch()

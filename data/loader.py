@@ -281,6 +281,10 @@ class DataLoader:
                             f"what was checked. Restore it (python data/prepare.py), then continue with "
                             f"--resume=auto from the last checkpoint.")
 
+    def rewind(self):
+        """Back to the first window: each evaluation reads the same val windows."""
+        self.position = 0
+
     def state_dict(self):
         return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle, "shards": self.names,
                 "block_size": self.block_size}
