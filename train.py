@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from safetensors import SafetensorError
@@ -70,7 +69,7 @@ def autocast_context(device_type):
     """bf16 autocast on GPUs; plain float32 on CPU, where bf16 matmuls are slow and inexact."""
     if device_type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    return contextlib.nullcontext()
 
 
 def train_step(model, optimizers, next_batch, grad_accum_steps, step, config, info, guard):
