@@ -16,10 +16,9 @@ import train
 from configure_optimizers import configure_adamw
 from data.loader import DataLoader
 from model import GPT, GPTConfig
-from tests.conftest import read_metrics, run_python, tiny_args
-from tests.test_resume import DELAY, finish, start, wait_for
+from tests.conftest import DELAY, finish, read_metrics, run_python, start, tiny_args, wait_for
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def cuda_args(token_dir, out_dir, *extra):
