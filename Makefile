@@ -1,5 +1,6 @@
 # make train: set up .venv, tokenize the bundled corpus, train the quickstart model (CPU is fine)
 # make test:  set up .venv with the test dependencies and run the whole suite
+# make test-fast: the suite without the `slow` tests (multi-process, kill/resume, compile) and the `gpu` ones
 # make train TORCH_INDEX=https://download.pytorch.org/whl/cpu   torch from that wheel index (here PyTorch's
 #             CPU-only build) instead of PyPI's, which on Linux is the CUDA build with gigabytes of CUDA libraries
 # make gpu-check: the GPU check (docs/gpu_check.md) into GPU_CHECK_OUT; NO_VENV=1 runs it with $(PYTHON)'s own packages
@@ -9,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHAKESPEARE_TOKENS := data/shakespeare_tokens
 
-.PHONY: train data test venv clean gpu-check
+.PHONY: train data test test-fast venv clean gpu-check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,9 @@ train: data
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 GPU_CHECK_OUT ?= out/gpu_check
 GPU_CHECK_ARGS ?=

@@ -12,13 +12,11 @@ from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints
 from gpt2_pretrain.distributed import DistInfo
 from model import GPT, GPTConfig
-from tests.conftest import read_metrics, run_python, tiny_args
-
-FAST = ["--vocab_size=128"]  # the test tokens are < 64: a small vocab keeps each step a few ms
+from tests.conftest import FULL_VOCAB, read_metrics, run_python, tiny_args
 
 
 def run(token_dir, out, *extra):
-    train.main(tiny_args(token_dir, str(out), *FAST, *extra))
+    train.main(tiny_args(token_dir, str(out), *extra))
     return str(out)
 
 
@@ -139,7 +137,7 @@ def test_repeated_nans_stop_the_run_without_a_nan_checkpoint(token_dir, tmp_path
 
 
 def test_a_non_finite_model_is_never_saved(token_dir, tmp_path):
-    config = train.load_config(tiny_args(token_dir, str(tmp_path / "run"), *FAST))
+    config = train.load_config(tiny_args(token_dir, str(tmp_path / "run")))
     model = GPT(train.model_config(config))
     optimizer = torch.optim.AdamW(model.parameters())
     loader = train.DataLoader(token_dir, "train", batch_size=4, block_size=32)
@@ -150,9 +148,10 @@ def test_a_non_finite_model_is_never_saved(token_dir, tmp_path):
     assert not os.path.exists(str(tmp_path / "run" / "ckpt_000005.pt"))
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_sample_script_generates_from_a_checkpoint(token_dir, tmp_path):
     out = str(tmp_path / "run")
-    train.main(tiny_args(token_dir, out, "--max_steps=1"))  # the full GPT-2 vocab, so any prompt encodes
+    train.main(tiny_args(token_dir, out, FULL_VOCAB, "--max_steps=1"))  # the full GPT-2 vocab, so any prompt encodes
     result = run_python(["scripts/sample.py", out, "--prompt=Hello", "--tokens=5", "--temperature=0.8",
                          "--top_k=10", "--num_samples=2"])
     assert result.returncode == 0, result.stderr

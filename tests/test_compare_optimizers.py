@@ -6,7 +6,8 @@ import math
 import os
 
 import pytest
-from conftest import ROOT, make_token_shards, read_metrics, run_python
+
+from tests.conftest import ROOT, make_token_shards, read_metrics, run_python
 
 spec = importlib.util.spec_from_file_location("compare_optimizers", os.path.join(ROOT, "scripts", "compare_optimizers.py"))
 compare = importlib.util.module_from_spec(spec)
@@ -42,6 +43,7 @@ def test_fractions_on_hand_made_curves():
     assert compare.spread([0.5, None]) is None
 
 
+@pytest.mark.slow
 def test_sweep_then_tuned_runs(tmp_path):
     data_dir = make_token_shards(str(tmp_path / "tokens"))
     out = tmp_path / "compare"

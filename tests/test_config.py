@@ -68,10 +68,12 @@ def test_help_lists_every_key_with_its_comment():
     assert "tokens per optimizer step" in text
 
 
+# the first case stays in make test-fast: one check of train.py's error exit as a process; the others are slow
+# (a Python process that imports torch: about 4 s each on the 2-core box)
 @pytest.mark.parametrize("args, message", [
     (["configs/missing.py"], "config file 'configs/missing.py' not found"),
-    (["--batch_sise=8"], "Did you mean 'batch_size'"),
-    (["--max_steps=ten"], "expects int"),
+    pytest.param(["--batch_sise=8"], "Did you mean 'batch_size'", marks=pytest.mark.slow),
+    pytest.param(["--max_steps=ten"], "expects int", marks=pytest.mark.slow),
 ])
 def test_cli_errors_exit_nonzero_without_traceback(args, message):
     result = run_python(["train.py", *args])

@@ -16,14 +16,16 @@ import train
 from configure_optimizers import configure_adamw
 from data.loader import DataLoader
 from model import GPT, GPTConfig
-from tests.conftest import read_metrics, run_python, tiny_args
-from tests.test_resume import DELAY, finish, start, wait_for
+from tests.conftest import DELAY, FULL_VOCAB, finish, read_metrics, run_python, start, tiny_args, wait_for
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def cuda_args(token_dir, out_dir, *extra):
-    return [arg for arg in tiny_args(token_dir, out_dir, *extra) if arg != "--device=cpu"] + ["--device=cuda"]
+    # the GPT-2 vocab, the one these tests' tolerances (bf16 against fp32 losses) were set on; on a GPU it costs
+    # little, and these tests run only where one is present
+    return [arg for arg in tiny_args(token_dir, out_dir, *extra) if arg != "--device=cpu"] + ["--device=cuda",
+                                                                                              FULL_VOCAB]
 
 
 def test_bf16_training_on_the_gpu_learns_and_reports_mfu(token_dir, tmp_path):

@@ -2,21 +2,14 @@
 
 import math
 import os
-import shutil
 import time
 
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_python, tiny_args
-from tests.test_evaluate import write_examples
+from tests.conftest import FULL_VOCAB, read_metrics, tiny_args, torchrun, write_examples
 
-TORCHRUN = shutil.which("torchrun", path=os.path.dirname(os.sys.executable)) or "torchrun"
-
-
-def torchrun(nproc, script, args, env=None, timeout=240):
-    return run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args],
-                      timeout=timeout, env=env)
+pytestmark = pytest.mark.slow  # every test here starts torchrun or several processes
 
 
 def test_two_processes_match_one_process(token_dir, tmp_path):
@@ -68,7 +61,8 @@ def test_compile_with_ddp_trains_evaluates_and_samples(token_dir, tmp_path):
     (split across the ranks and all-reduced) agree."""
     eager_out, compiled_out = str(tmp_path / "eager"), str(tmp_path / "compiled")
     hellaswag = write_examples(tmp_path / "hellaswag.jsonl")
-    common = ["--max_steps=2", "--eval_interval=2", "--sample_tokens=4", "--hellaswag", f"--hellaswag_path={hellaswag}"]
+    common = ["--max_steps=2", "--eval_interval=2", "--sample_tokens=4", "--hellaswag", f"--hellaswag_path={hellaswag}",
+              FULL_VOCAB]  # samples and HellaSwag text: the GPT-2 vocab
     assert torchrun(1, "tests/torchrun_worker.py", tiny_args(token_dir, eager_out, *common)).returncode == 0
     result = torchrun(2, "tests/torchrun_worker.py", tiny_args(token_dir, compiled_out, "--compile", *common),
                       timeout=400)

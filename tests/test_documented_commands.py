@@ -16,8 +16,10 @@ import shlex
 import pytest
 
 from config import config_to_dict, load_config
-from tests.conftest import ROOT, make_token_shards, read_metrics, tiny_args, torchrun_bounded
-from tests.test_evaluate import EXAMPLES
+from tests.conftest import (EXAMPLES, FULL_VOCAB, ROOT, make_token_shards, read_metrics, tiny_args, torchrun_bounded,
+                            write_examples)
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun or several processes
 
 PG_TIMEOUT = 120  # a healthy collective waits for the slowest rank: seconds under load, never minutes
 MAX_PROCESSES = 8  # the README's 2-node example (16 ranks) runs as one node of 8, its config's world size there
@@ -104,13 +106,13 @@ def launched(tmp_path_factory):
     # enough val windows for eval_iters * batch_size (20 * 64 for 124M) of block_size 16, and train windows
     data_dir = make_token_shards(str(tmp / "tokens"), train_tokens=40000, val_tokens=24000)
     hellaswag = tmp / "hellaswag.jsonl"
-    hellaswag.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))  # 3: ranks 3-7 of 8 have none
+    write_examples(hellaswag)  # 3: ranks 3-7 of 8 have none
     runs = documented_runs(data_dir, str(tmp), str(hellaswag))
     # fsdp, eval_iters=5 at batch_size 4: 20 val windows in calls of 8, rank 1 has none in the third; HellaSwag
     # on one example: rank 1 has none
     one_example = tmp / "hellaswag_one.jsonl"
-    one_example.write_text(json.dumps(EXAMPLES[0]) + "\n")
-    uneven = ["--eval_iters=5", "--max_steps=2", "--hellaswag", f"--hellaswag_path={one_example}"]
+    write_examples(one_example, EXAMPLES[:1])
+    uneven = ["--eval_iters=5", "--max_steps=2", "--hellaswag", f"--hellaswag_path={one_example}", FULL_VOCAB]
     uneven_out = str(tmp / "uneven")
     runs.setdefault(2, []).append(("uneven", tiny_args(data_dir, uneven_out, "--parallel=fsdp",
                                                        *uneven)))
@@ -126,7 +128,8 @@ def launched(tmp_path_factory):
 def test_every_documented_command_evaluates_trains_and_saves(launched):
     documented = launched["documented"]
     wheres = " ".join(where for where, _ in documented)
-    assert "gpt2_xl_fsdp.py" in wheres and "--parallel=fsdp" in wheres  # the commands that hung before
+    # the commands that hung before: the XL config, and an fsdp run (its config file sets parallel = "fsdp")
+    assert "gpt2_xl_fsdp.py" in wheres and any(load_config(args).parallel == "fsdp" for _, args in documented)
     for where, args in documented:
         config = load_config(args)
         metrics = read_metrics(config.out_dir)

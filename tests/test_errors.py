@@ -17,8 +17,7 @@ import pytest
 import torch
 
 import train
-from tests.conftest import ROOT, make_token_shards, tiny_args
-from tests.test_distributed import torchrun
+from tests.conftest import ROOT, make_token_shards, tiny_args, torchrun
 
 
 def snapshot(*folders):
@@ -163,6 +162,7 @@ def test_full_disk_warning_says_needed_and_free(trained, capsys):
     assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_000002.pt", "ckpt_000005.pt"]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_one_out_dir_is_refused_until_the_first_is_killed(trained, capsys):
     data, out = trained
     first = subprocess.Popen([sys.executable, "train.py", *tiny_args(data, out, "--max_steps=100000",
@@ -194,6 +194,7 @@ def test_help_has_one_column_of_help_text(capsys):
         assert help_line[32:34] == "  " and help_line[34] != " ", row
 
 
+@pytest.mark.slow
 def test_torchrun_refuses_a_gpu_index_once(token_dir, tmp_path):
     result = torchrun(2, "train.py", tiny_args(token_dir, str(tmp_path / "out"), "--device=cuda:1"))
     assert result.returncode != 0
@@ -201,6 +202,7 @@ def test_torchrun_refuses_a_gpu_index_once(token_dir, tmp_path):
     assert 'train.py", line' not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_error_every_rank_sees_is_printed_once(token_dir, tmp_path):
     damage_manifest_text(token_dir, None)  # every rank reads it after the process group is up
     result = torchrun(2, "train.py", tiny_args(token_dir, str(tmp_path / "out")))
@@ -209,6 +211,7 @@ def test_an_error_every_rank_sees_is_printed_once(token_dir, tmp_path):
     assert 'train.py", line' not in result.stderr
 
 
+@pytest.mark.slow
 def test_full_disk_after_the_shards_of_a_sharded_checkpoint_ends_every_rank_at_once(token_dir, tmp_path):
     """Rank 0's meta.pt, written after every rank's shards, goes to /dev/full at steps 4 and 6 (test hook):
     the periodic save at 4 is skipped with a warning, the final one at 6 ends both ranks with one error line,
@@ -230,6 +233,7 @@ def test_full_disk_after_the_shards_of_a_sharded_checkpoint_ends_every_rank_at_o
     assert torch.load(os.path.join(kept, "meta.pt"), weights_only=True)["step"] == 2
 
 
+@pytest.mark.slow
 def test_an_error_only_rank_1_sees_reaches_the_user(token_dir, tmp_path):
     args = tiny_args(token_dir, str(tmp_path / "out"), "--max_steps=50", "--eval_interval=100")
     result = torchrun(2, "tests/torchrun_worker.py", args, env={"TEST_FAIL_RANK": "1", "TEST_FAIL_MODE": "data"})
@@ -247,6 +251,7 @@ def wait_for(condition, process, what, seconds=120):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_shard_written_in_place_under_a_running_job_stops_it_cleanly(trained):
     data, out = trained
     ckpt = os.path.join(out, "ckpt_000004.pt")

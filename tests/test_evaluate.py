@@ -1,7 +1,6 @@
 """HellaSwag scoring, checked against a direct computation with transformers' GPT2LMHeadModel."""
 
 import http.server
-import json
 import os
 import threading
 import time
@@ -15,29 +14,9 @@ from gpt2_pretrain.hellaswag import (HellaSwagError, ending_losses, evaluate_hel
                                      render)
 from gpt2_pretrain.hf_interop import export_hf
 from model import GPT, GPTConfig
-from tests.conftest import run_python
+from tests.conftest import EXAMPLES, run_python, write_examples
 
 transformers = pytest.importorskip("transformers")
-
-EXAMPLES = [
-    {"ctx": "A man is sitting on a roof. He", "label": 3,
-     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
-    {"ctx": "A woman is outside with a bucket and a dog. The dog is running around trying to avoid a bath. She",
-     "label": 2, "endings": ["rinses the bucket off with soap and blow dry the dog's head.",
-                             "uses a hose to keep it from getting soapy.", "gets the dog wet, then it runs away again.",
-                             "gets into a bath tub with the dog."]},
-    {"ctx": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles.",
-     "label": 0, "endings": [", the man adds wax to the windshield and cuts it.", ", a person board a ski lift.",
-                             ", the man puts on a christmas coat, knitted with netting.",
-                             ", the man continues removing the snow on his car."]},
-]
-
-
-def write_examples(path):
-    path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
-    return str(path)
-
 
 def tiny_model(block_size=64):
     torch.manual_seed(0)
@@ -127,6 +106,7 @@ def test_unreachable_download_fails_fast_with_advice(tmp_path):
     assert time.time() - start < 10
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_eval_script_on_a_checkpoint(tmp_path):
     model = tiny_model()
     torch.save({"model": model.state_dict(), "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64,
@@ -158,6 +138,7 @@ def serve(body):
     return server, requested
 
 
+@pytest.mark.slow
 def test_torchrun_downloads_hellaswag_once_and_every_rank_scores_it(tmp_path):
     """The file absent under 2-process torchrun: one download, no temporary file left, and the scores of
     a single process over all examples (so rank 1 scored its share of the same examples)."""
@@ -185,15 +166,16 @@ def test_torchrun_downloads_hellaswag_once_and_every_rank_scores_it(tmp_path):
 
 def test_training_logs_hellaswag_at_each_evaluation(token_dir, tmp_path):
     import train
-    from tests.conftest import read_metrics, tiny_args
+    from tests.conftest import FULL_VOCAB, read_metrics, tiny_args
 
     out = str(tmp_path / "run")
-    train.main(tiny_args(token_dir, out, "--hellaswag", f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}",
+    train.main(tiny_args(token_dir, out, FULL_VOCAB, "--hellaswag", f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}",
                          "--max_steps=2"))
     scores = [m for m in read_metrics(out) if "hellaswag_acc_norm" in m]
     assert [m["step"] for m in scores] == [0, 2] and all(m["hellaswag_examples"] == 3 for m in scores)
 
 
+@pytest.mark.slow
 def test_hellaswag_leaves_the_compiled_training_graph_static(token_dir, tmp_path, monkeypatch):
     """HellaSwag at step 0, then training with --compile: every graph dynamo makes has static shapes, the
     training forward's included. (HellaSwag's (rows, length) differ from the val batches': through the
@@ -203,7 +185,7 @@ def test_hellaswag_leaves_the_compiled_training_graph_static(token_dir, tmp_path
     import functools
 
     import train
-    from tests.conftest import tiny_args
+    from tests.conftest import FULL_VOCAB, tiny_args
 
     graphs = []  # (grad enabled: the training forward, any symbolic size among the graph's inputs)
 
@@ -215,7 +197,7 @@ def test_hellaswag_leaves_the_compiled_training_graph_static(token_dir, tmp_path
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording_backend))
     torch._dynamo.reset()  # no cached graphs or dynamic sizes from an earlier test in this process
     try:
-        train.main(tiny_args(token_dir, str(tmp_path / "run"), "--compile", "--max_steps=1", "--hellaswag",
+        train.main(tiny_args(token_dir, str(tmp_path / "run"), FULL_VOCAB, "--compile", "--max_steps=1", "--hellaswag",
                              f"--hellaswag_path={write_examples(tmp_path / 'hs.jsonl')}"))
     finally:
         torch._dynamo.reset()

@@ -60,6 +60,7 @@ def test_model_loss_and_gradients_match_the_plain_loss(monkeypatch, tied):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_the_same_loss():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))

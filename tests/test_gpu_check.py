@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, run_python
@@ -44,6 +45,7 @@ def cuda_test_names():
     return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
 
 
+@pytest.mark.slow
 def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
@@ -94,6 +96,7 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
     assert (out / "test_cuda.xml").is_file()
 
 
+@pytest.mark.slow
 def test_failing_and_hanging_parts_are_reported_and_stopped(tmp_path):
     gpu_check = load_gpu_check()
     check = gpu_check.Check(str(tmp_path), tiny=True, work=str(tmp_path))
@@ -116,6 +119,7 @@ def test_failing_and_hanging_parts_are_reported_and_stopped(tmp_path):
     assert "===== fails " in (tmp_path / "log").read_text()
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_unknown_part_and_missing_out_are_one_error_line(tmp_path):
     for args in (["--out", str(tmp_path), "--parts", "bench,run"], []):
         result = subprocess.run([sys.executable, "scripts/gpu_check.py", *args], cwd=ROOT, capture_output=True,

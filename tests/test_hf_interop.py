@@ -10,7 +10,7 @@ import train
 from data.tokenizer import encode, get_encoding
 from gpt2_pretrain.hf_interop import export_hf, import_hf
 from model import GPT, GPTConfig
-from tests.conftest import read_metrics, run_python, tiny_args
+from tests.conftest import FULL_VOCAB, read_metrics, run_python, tiny_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,13 +71,15 @@ def test_import_from_a_transformers_save(tmp_path):
         assert (ours.eval()(idx)[0][..., :50257] - hf(idx).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_train_init_from_a_folder_and_export_script(token_dir, tmp_path):
     ours = random_model()
     export_hf(ours.state_dict(), model_keys(ours), str(tmp_path / "hf"))
     val = {}
     for seed in (1, 2):
         out = str(tmp_path / f"seed{seed}")
-        train.main(tiny_args(token_dir, out, f"--init_from={tmp_path / 'hf'}", f"--seed={seed}", "--max_steps=2"))
+        train.main(tiny_args(token_dir, out, FULL_VOCAB, f"--init_from={tmp_path / 'hf'}", f"--seed={seed}",
+                             "--max_steps=2"))
         val[seed] = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m][0]
     assert val[1] == val[2]  # the weights came from the folder, not from the seed
     result = run_python(["scripts/export_hf.py", f"{tmp_path}/seed1/ckpt_000002.pt", str(tmp_path / "again")])
@@ -85,11 +87,12 @@ def test_train_init_from_a_folder_and_export_script(token_dir, tmp_path):
     assert transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "again")).config.n_layer == 2
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_init_from_another_shape_is_refused(token_dir, tmp_path):
     ours = random_model()
     export_hf(ours.state_dict(), model_keys(ours), str(tmp_path / "hf"))
-    result = run_python(["train.py", *tiny_args(token_dir, str(tmp_path / "out"), f"--init_from={tmp_path / 'hf'}",
-                                                "--n_layer=3")])
+    result = run_python(["train.py", *tiny_args(token_dir, str(tmp_path / "out"), FULL_VOCAB,
+                                                f"--init_from={tmp_path / 'hf'}", "--n_layer=3")])
     assert result.returncode == 2
     assert "n_layer: 2 in the folder vs 3 requested" in result.stderr and "Traceback" not in result.stderr
 
@@ -114,6 +117,7 @@ print(json.dumps({"encoded": [tokenizer.encode(text) for text in texts], "genera
 """
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_run_folder_export_loads_offline_and_generates_as_sample_does(token_dir, tmp_path, capsys):
     """export_hf.py on a run's out_dir: transformers loads model and tokenizer with the network off, encodes
     as tiktoken does, and greedy generation gives sample.py's greedy text."""
@@ -121,7 +125,7 @@ def test_run_folder_export_loads_offline_and_generates_as_sample_does(token_dir,
     from scripts import sample
 
     run, hf = str(tmp_path / "run"), str(tmp_path / "hf")
-    train.main(tiny_args(token_dir, run, "--max_steps=2"))
+    train.main(tiny_args(token_dir, run, FULL_VOCAB, "--max_steps=2"))
     umask = os.umask(0o022)
     try:
         assert export_script.main([run, hf]) == 0

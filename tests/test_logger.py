@@ -11,7 +11,7 @@ import pytest
 
 import train
 from gpt2_pretrain.logging import Logger, format_line, resolve_wandb_mode
-from tests.conftest import read_metrics, tiny_args
+from tests.conftest import FULL_VOCAB, read_metrics, tiny_args
 
 BLOCK = 32768  # the .wandb file is a leveldb-format log: 32 KiB blocks of checksummed chunks
 
@@ -64,7 +64,7 @@ def read_wandb_run(run_dir):
 
 def test_offline_run_logs_metrics_samples_config_and_resumes_same_run(token_dir, tmp_path, wandb_env):
     out = str(tmp_path / "run")
-    train.main(tiny_args(token_dir, out, "--wandb_mode=offline", "--sample_tokens=4", "--max_steps=2",
+    train.main(tiny_args(token_dir, out, "--wandb_mode=offline", "--sample_tokens=4", FULL_VOCAB, "--max_steps=2",
                          "--peak_flops=1e12", "--wandb_run_name=tiny"))
     (run_dir,) = glob.glob(os.path.join(out, "wandb", "offline-run-*"))
     run_id, config, rows = read_wandb_run(run_dir)

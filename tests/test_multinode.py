@@ -10,10 +10,13 @@ import socket
 import sys
 import time
 
+import pytest
 import torch
 
-from tests.conftest import ROOT, make_token_shards, tiny_args
-from tests.test_resume import ARGS, DELAY, curve, finish, start, wait_for, workers
+from tests.conftest import (DELAY, RESUME_ARGS, ROOT, curve, finish, make_token_shards, start, tiny_args, wait_for,
+                             workers)
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun or several processes
 
 
 def free_port():
@@ -28,7 +31,7 @@ def node_command(node_rank, port, extra=()):
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
             f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
             "--rdzv_id=two_nodes", f"--local_addr=127.0.0.{node_rank + 1}", f"--rdzv_conf=is_host={node_rank == 0}",
-            os.path.join(ROOT, "train.py"), *tiny_args("data", "out", *ARGS, *extra)]
+            os.path.join(ROOT, "train.py"), *tiny_args("data", "out", *RESUME_ARGS, *extra)]
 
 
 def start_nodes(nodes, env=None, extra=()):
@@ -41,7 +44,7 @@ def test_two_nodes_without_a_shared_filesystem_resume_exactly(tmp_path):
     reference = str(tmp_path / "reference")
     make_token_shards(str(tmp_path / "tokens"))
     code, output = finish(start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "train.py", *tiny_args(str(tmp_path / "tokens"), reference, *ARGS)]))
+                                 "train.py", *tiny_args(str(tmp_path / "tokens"), reference, *RESUME_ARGS)]))
     assert code == 0, output
 
     nodes = [str(tmp_path / f"node{rank}") for rank in (0, 1)]

@@ -108,9 +108,12 @@ def test_quickstart_with_muon_trains(token_dir, tmp_path):
     out = str(tmp_path / "muon")
     train.main(tiny_args(token_dir, out, "--optimizer=muon", "--max_steps=20", "--eval_interval=10"))
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
-    assert val[-1] < val[0] - 2.0  # 10.83 -> 2.96 measured: room for any CPU's bf16 rounding, none for no training
+    # 4.87 -> 1.41 measured at tiny_args' vocab of 128 (10.83 -> 2.96 at 50304): room for any CPU's bf16 rounding,
+    # none for no training
+    assert val[-1] < val[0] - 2.0
 
 
+@pytest.mark.slow
 def test_two_processes_with_muon_match_one_and_each_other(token_dir, tmp_path):
     """DDP with Muon: 2 ranks end with the same weights, and with a 1-process run's (the same global batch).
     Newton-Schulz runs in float32 here (tests/float32_newton_schulz.py says why), so the runs differ by

@@ -16,7 +16,7 @@ import train
 from gpt2_pretrain.dry_run import meta_model
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token, peak_flops_for
 from model import GPT
-from tests.conftest import ROOT, TINY_MODEL, read_metrics, run_python, tiny_args
+from tests.conftest import FULL_VOCAB, ROOT, TINY_MODEL, read_metrics, run_python, tiny_args
 
 
 def hand_flops_per_token(n_layer, n_embd, block_size, vocab_size):
@@ -154,10 +154,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands_run(token_dir, tmp_path, capsys,
                                                                                      one_thread):
     out = str(tmp_path / "run")
-    args = tiny_args(token_dir, out, "--max_steps=3", "--eval_interval=2", "--warmup_steps=5")
+    # the GPT-2 vocab: the summary's commands sample and export to a transformers folder with GPT-2's tokenizer
+    args = tiny_args(token_dir, out, "--max_steps=3", "--eval_interval=2", "--warmup_steps=5", FULL_VOCAB)
     capsys.readouterr()
     train.main(args)
     printed = capsys.readouterr().out
@@ -228,6 +230,7 @@ def test_a_run_stopped_by_a_signal_ends_with_the_summary(token_dir, tmp_path, ca
     assert summary_command(summary, "export")[2] == f"{out}/ckpt_000002.pt"
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_bench_prints_tokens_per_second_on_a_tiny_config(tmp_path):
     result = run_python(["scripts/bench.py", *TINY_MODEL, "--device=cpu", "--batch_size=4",
                          "--total_batch_size=256", "--bench_steps=2", "--bench_warmup=1", "--bench_compile=off"])

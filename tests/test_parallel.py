@@ -5,14 +5,16 @@ import math
 import os
 import re
 
+import pytest
+
 from configure_optimizers import muon_param_groups
 from gpt2_pretrain.dry_run import meta_model
 from gpt2_pretrain.muon import assign_owners, newton_schulz_cost, rank_loads
 from model import GPTConfig
-from tests.conftest import read_metrics, run_python
-from tests.test_distributed import torchrun
+from tests.conftest import read_metrics, run_python, torchrun
 
 
+@pytest.mark.slow
 def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_path):
     """2-process fsdp and 1-process ddp on the same global batch: the same losses and gradient norms step
     by step, for adamw and muon. The gradient norm is what catches gradients summed over ranks instead of
@@ -50,6 +52,7 @@ def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_
             assert abs(r[optimizer]["state"] - full_state / 2) <= 0.02 * full_state, (optimizer, r)
 
 
+@pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config(token_dir):
     """GPT-2 XL's config on 8 processes: fsdp holds 1/8 of the weights, gradients and optimizer state."""
     result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", f"--data_dir={token_dir}", "--dry_run"],

@@ -90,6 +90,7 @@ def test_same_bytes_with_one_and_two_workers(tmp_path, monkeypatch):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_output(tmp_path):
     source = write_source(tmp_path, "jsonl")
     args = ["data/prepare.py", "--source", source, "--shard_size", "500", "--val_tokens", "200", "--workers", "1"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 
@@ -42,6 +43,7 @@ def write_texts(folder, documents=40, words=600, seed=0):
             f.write(" ".join(sentences) + "\n")
 
 
+@pytest.mark.slow
 def test_own_text_section_runs_as_written_offline(tmp_path):
     commands = own_text_commands()
     assert [argv[1] for argv in commands] == ["data/prepare.py", "train.py", "scripts/sample.py", "scripts/plot.py"]

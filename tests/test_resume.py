@@ -6,35 +6,14 @@ CPU they are equal exactly. dropout > 0 makes the losses depend on the restored 
 
 import os
 import signal
-import subprocess
 import sys
-import time
 
+import pytest
 import torch
 
-from tests.conftest import ROOT, read_metrics, tiny_args
+from tests.conftest import DELAY, RESUME_ARGS, curve, finish, read_metrics, start, tiny_args, wait_for, workers
 
-ARGS = ["--vocab_size=128", "--max_steps=8", "--checkpoint_interval=3", "--dropout=0.1"]
-DELAY = {"GPT2_DEBUG_STEP_DELAY": "0.3"}  # slow steps, so the test can signal a run mid-way
-
-
-def start(command, env=None, cwd=ROOT):
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def finish(process, timeout=120):
-    output, _ = process.communicate(timeout=timeout)
-    return process.returncode, output
-
-
-def wait_for(condition, process, timeout=120):
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, f"the run ended early:\n{process.communicate()[0]}"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
+pytestmark = pytest.mark.slow  # every test here starts torchrun or several processes
 
 
 def logged_step(out_dir, step):
@@ -43,18 +22,11 @@ def logged_step(out_dir, step):
     return os.path.isfile(path) and any(m.get("step") == step and "loss" in m for m in read_metrics(out_dir))
 
 
-def curve(out_dir):
-    metrics = read_metrics(out_dir)
-    steps = [m["step"] for m in metrics]
-    assert steps == sorted(steps), "metrics.jsonl must read as one run"
-    return [(m["step"], m["loss"]) for m in metrics if "loss" in m], [m["val_loss"] for m in metrics if "val_loss" in m]
-
-
 def train_command(out_dir, token_dir, nproc=1, extra=()):
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return launcher + ["train.py", *tiny_args(token_dir, out_dir, *ARGS, *extra)]
+    return launcher + ["train.py", *tiny_args(token_dir, out_dir, *RESUME_ARGS, *extra)]
 
 
 def test_killed_then_preempted_run_matches_the_uninterrupted_one(token_dir, tmp_path):
@@ -86,22 +58,6 @@ def test_killed_then_preempted_run_matches_the_uninterrupted_one(token_dir, tmp_
     final, expected = (torch.load(os.path.join(d, "ckpt_000008.pt"), weights_only=True) for d in (out, reference))
     for name, tensor in expected["model"].items():
         assert torch.equal(final["model"][name], tensor), name
-
-
-def workers(torchrun_pid):
-    """{rank: pid} of torchrun's workers (children of torchrun, each in its own session)."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = dict(item.partition(b"=")[::2] for item in f.read().split(b"\0") if item)
-        except OSError:
-            continue
-        if parent == torchrun_pid and b"RANK" in environ:
-            found[int(environ[b"RANK"])] = int(pid)
-    return found
 
 
 def test_torchrun_run_resumes_exactly_and_ranks_stop_together(token_dir, tmp_path):

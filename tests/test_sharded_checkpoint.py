@@ -15,10 +15,12 @@ import torch
 
 from gpt2_pretrain.checkpoint.files import load_checkpoint, model_weights
 from model import GPT, GPTConfig
-from tests.conftest import run_python, tiny_args
-from tests.test_resume import DELAY, curve, finish, start, wait_for, workers
+from tests.conftest import DELAY, FULL_VOCAB, curve, finish, run_python, start, tiny_args, wait_for, workers
 
-ARGS = ["--max_steps=8", "--checkpoint_interval=3", "--eval_interval=4", "--keep_last=0", "--parallel=fsdp"]
+pytestmark = pytest.mark.slow  # every test here starts torchrun or several processes
+
+# the GPT-2 vocab: the checkpoint is exported to transformers with GPT-2's 50257 tokens
+ARGS = ["--max_steps=8", "--checkpoint_interval=3", "--eval_interval=4", "--keep_last=0", "--parallel=fsdp", FULL_VOCAB]
 
 
 def command(out_dir, token_dir, nproc, script="train.py"):
