@@ -9,8 +9,9 @@ the run uses torch.optim.Muon itself.
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+from gpt2_pretrain.parallel import is_dtensor
 
 # the dtype torch's Newton-Schulz casts its input to before anything else (torch 2.13, and the earlier form
 # of _zeropower_via_newtonschulz that also takes use_addmm), so ShardedMuon moves rows in it: the same
@@ -49,7 +50,7 @@ class ShardedMuon(torch.optim.Muon):
         for (group, param, _), update in zip(todo, updates):
             lr = group["lr"]
             param.mul_(1 - lr * group["weight_decay"])
-            local = param.to_local() if isinstance(param, DTensor) else param
+            local = param.to_local() if is_dtensor(param) else param
             local.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
         return loss
 
@@ -95,9 +96,9 @@ def orthogonalize(items):
     """
     results, sharded = [None] * len(items), []  # sharded: (index, process group of its mesh)
     for index, (update, group) in enumerate(items):
-        mesh_group = update.device_mesh.get_group() if isinstance(update, DTensor) else None
+        mesh_group = update.device_mesh.get_group() if is_dtensor(update) else None
         if mesh_group is None or dist.get_world_size(mesh_group) == 1:
-            results[index] = newton_schulz(update.to_local() if isinstance(update, DTensor) else update, group)
+            results[index] = newton_schulz(update.to_local() if is_dtensor(update) else update, group)
         else:
             sharded.append((index, mesh_group))
     world_sizes = {dist.get_world_size(mesh_group) for _, mesh_group in sharded}

@@ -13,11 +13,20 @@ GPT-2 XL), more than its shards of weights, gradients and optimizer state togeth
 FSDP is there to save; the reduce-scatters overlap with the backward.
 """
 
+import sys
+
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+# fsdp and DTensor are imported where a sharded run needs them: importing them costs about 1.5 s of every
+# start-up (train.py, each torchrun worker, the scripts), which a ddp or single-process run never uses
+
+
+def is_dtensor(value):
+    """isinstance(value, DTensor) without importing DTensor: no tensor is one unless fsdp has loaded it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def ensure_process_group(info):
@@ -31,6 +40,8 @@ def ensure_process_group(info):
 
 def shard_model(model, info):
     """fully_shard each transformer block, then the root (in place: `model` becomes the FSDP module)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     ensure_process_group(info)
     policy = MixedPrecisionPolicy()  # float32 throughout on CPU
     if info.device_type == "cuda":
@@ -68,7 +79,7 @@ def clip_grad_norm(parameters, max_norm):
     parameters = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in parameters]
     total_norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(total_norm, DTensor):
+    if is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # the sum of squares over all ranks' shards
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
     return total_norm

@@ -21,14 +21,12 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 
 from gpt2_pretrain.atomic import WriteRecorder, fsync_directory
+from gpt2_pretrain.parallel import is_dtensor
+
+# torch.distributed.checkpoint is imported in the functions that use it: it brings DTensor, about 1.5 s of
+# every start-up, which runs that never write or read a sharded checkpoint do not need
 
 SHARDED = "sharded"  # a checkpoint's "model" and "optimizers" when they live in the shard files
 META = "meta.pt"
@@ -48,7 +46,7 @@ def read_meta(path):
 def weights_finite(model):
     """Whether every weight is finite, over all ranks' shards."""
     device = next(model.parameters()).device  # NCCL reduces device tensors only
-    finite = torch.tensor([all(bool(torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all())
+    finite = torch.tensor([all(bool(torch.isfinite(t.to_local() if is_dtensor(t) else t).all())
                                for t in model.state_dict().values())], dtype=torch.int32, device=device)
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -57,6 +55,8 @@ def weights_finite(model):
 
 def training_state(model, optimizers):
     """Model and optimizer states as DCP saves and loads them: sharded DTensors keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     return {"model": get_model_state_dict(model),
             "optimizers": [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]}
 
@@ -78,6 +78,9 @@ def raise_on_every_rank(error, tmp):
 def save_sharded(meta, path, model, optimizers):
     """Every rank calls this; `meta` is rank 0's plain data (None elsewhere). A failed write raises the same
     OSError on every rank (see raise_on_every_rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
     is_master = dist.get_rank() == 0
     tmp = f"{path}.tmp"
     error = None
@@ -114,6 +117,9 @@ def save_sharded(meta, path, model, optimizers):
 def load_sharded(path, model, optimizers, load_optimizer_state):
     """Every rank reads its own shards (resharded when the world size changed) into model and optimizers;
     load_optimizer_state(optimizer, state, load) keeps this run's hyperparameters."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     state = training_state(model, optimizers)  # the shapes to fill: this run's shards
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
@@ -124,6 +130,9 @@ def load_sharded(path, model, optimizers, load_optimizer_state):
 
 def load_full_weights(path):
     """The whole model's weights from a sharded checkpoint, in one process without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     metadata = dcp.FileSystemReader(path).read_metadata()
     weights = {key.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype)
                for key, item in metadata.state_dict_metadata.items()
