@@ -108,7 +108,7 @@ class NonFiniteGuard:
             self.total += 1
             self.in_a_row += 1
             print0(f"step {step:5d} | non-finite loss {loss.item()} or grad norm {grad_norm.item()}: update "
-                         f"skipped ({self.in_a_row} in a row, {self.total} in this run)")
+                   f"skipped ({self.in_a_row} in a row, {self.total} in this run)")
             logger.log({"step": step, "nonfinite_steps": self.total})
             if self.in_a_row >= self.max_in_a_row:
                 self.pending = []

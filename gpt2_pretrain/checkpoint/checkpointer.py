@@ -96,7 +96,7 @@ class Checkpointer:
             ranks = checkpoint["ranks"]
             if len(ranks) != self.info.world_size:
                 print0(f"resume: world size {len(ranks)} -> {self.info.world_size}: the data order is kept, "
-                         f"random states are reused round robin")
+                       f"random states are reused round robin")
             self._rank_state = ranks[self.info.rank % len(ranks)]
             self.loader.load_state_dict(ranks[0]["loader"] if len(ranks) != self.info.world_size
                                         else self._rank_state["loader"])
