@@ -10,8 +10,8 @@ import contextlib
 import os
 
 
-def fsync_directory(path):
-    """Make the entries of folder `path` (a rename into it, say) durable."""
+def fsync_path(path):
+    """Make a file's contents, or a folder's entries (a rename into it, say), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -26,16 +26,12 @@ def atomic_path(path):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_write(path, write):

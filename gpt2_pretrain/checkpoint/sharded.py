@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from gpt2_pretrain.atomic import WriteRecorder, fsync_directory
+from gpt2_pretrain.atomic import WriteRecorder, fsync_path
 from gpt2_pretrain.parallel import is_dtensor
 
 # torch.distributed.checkpoint is imported in the functions that use it: it brings DTensor, about 1.5 s of
@@ -105,10 +105,10 @@ def save_sharded(meta, path, model, optimizers):
                     torch.save(meta, writer)
                 f.flush()
                 os.fsync(f.fileno())
-            fsync_directory(tmp)
+            fsync_path(tmp)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
-            fsync_directory(os.path.dirname(os.path.abspath(path)))
+            fsync_path(os.path.dirname(os.path.abspath(path)))
         except OSError as e:
             error = e
     raise_on_every_rank(error, tmp)  # nobody reads or prunes the folder before it is complete
