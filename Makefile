@@ -3,6 +3,8 @@
 # make test-fast: the suite without the `slow` tests (multi-process, kill/resume, compile) and the `gpu` ones
 # make train TORCH_INDEX=https://download.pytorch.org/whl/cpu   torch from that wheel index (here PyTorch's
 #             CPU-only build) instead of PyPI's, which on Linux is the CUDA build with gigabytes of CUDA libraries
+# make test-compat: the fast tier under torch $(COMPAT_TORCH), the oldest torch supported, in a second venv (.venv-compat);
+#             PyPI's torch is the CUDA build (runs on CPU); TORCH_INDEX picks another wheel index as for `make train`
 # make gpu-check: the GPU check (docs/gpu_check.md) into GPU_CHECK_OUT; NO_VENV=1 runs it with $(PYTHON)'s own packages
 PYTHON ?= python3
 TORCH_INDEX ?=
@@ -10,7 +12,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SHAKESPEARE_TOKENS := data/shakespeare_tokens
 
-.PHONY: train data test test-fast venv clean gpu-check
+.PHONY: train data test test-fast test-compat venv clean gpu-check
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +41,23 @@ test: $(VENV)/.installed-dev
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+# the oldest torch supported: requirements.txt pins the newest; the second venv takes every other pin as it is
+COMPAT_TORCH ?= 2.11.0
+COMPAT_VENV := .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+
+$(COMPAT_VENV)/.installed-$(COMPAT_TORCH): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip
+	$(COMPAT_PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==$(COMPAT_TORCH)
+	grep -v -e '^torch==' -e '^-r ' requirements.txt requirements-dev.txt --no-filename > $(COMPAT_VENV)/requirements.txt
+	$(COMPAT_PY) -m pip install --quiet -r $(COMPAT_VENV)/requirements.txt
+	$(COMPAT_PY) -c "import torch; assert torch.__version__.startswith('$(COMPAT_TORCH)'), torch.__version__"
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed-$(COMPAT_TORCH)
+	$(COMPAT_PY) -m pytest -q -m "not slow and not gpu" tests
 
 GPU_CHECK_OUT ?= out/gpu_check
 GPU_CHECK_ARGS ?=
