@@ -22,8 +22,8 @@ from data.tokenizer import decode, encode
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints
-from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, print0, setup_distributed,
-                                       teardown_distributed)
+from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, end_of_run, print0,
+                                       setup_distributed)
 from gpt2_pretrain.dry_run import dry_run_report
 from gpt2_pretrain.errors import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token
@@ -319,7 +319,7 @@ def main(argv=None):
                     train(config, info, argv)
                 barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
-        teardown_distributed()
+        end_of_run()  # the process group stays: a second main() in this process reuses it
     return 0
 
 
