@@ -14,6 +14,7 @@ torch, numpy, tiktoken and safetensors only: wandb and datasets are not used.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -262,6 +263,22 @@ def plan(check):
     return parts
 
 
+def missing_module(name):
+    """Why `name` cannot be imported in this Python, or None when it can."""
+    try:
+        return None if importlib.util.find_spec(name) is not None else f"No module named {name!r}"
+    except ImportError as e:  # a finder that refuses it
+        return str(e)
+
+
+def cannot_run(name):
+    """Why a part cannot start in this Python (a module it needs is missing), or None."""
+    if name == "test_cuda" and missing_module("pytest"):
+        return (f"pytest is not installed in this Python ({sys.executable}): pip install pytest, or run "
+                f"make gpu-check, whose venv has it")
+    return None
+
+
 def run_part(check, name, budget, command, parse, timeout, log):
     """Run one part's command with a timeout; return its record (status, seconds, results or the reason)."""
     record = {"name": name, "budget_seconds": budget, "timeout_seconds": round(timeout, 1),
@@ -416,7 +433,10 @@ def main(argv=None):
             later = sum(part[1] for part in parts[index + 1:])
             timeout = min(deadline - time.time(), max(budget, deadline - time.time() - later))
             missing = [need for need in needs if check.parts.get(need, {}).get("status") not in ("passed", None)]
-            if missing or timeout <= 1:
+            if cannot_run(name):
+                record = {"name": name, "budget_seconds": budget, "status": "failed", "detail": cannot_run(name),
+                          "command": " ".join(command)}
+            elif missing or timeout <= 1:
                 reason = f"needs {', '.join(missing)}, which did not pass" if missing else "no time left"
                 record = {"name": name, "budget_seconds": budget, "status": "skipped", "detail": reason,
                           "command": " ".join(command)}

@@ -21,7 +21,7 @@ BLOCKER = """import sys
 
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("wandb", "datasets"):
+        if name.split(".")[0] in {BLOCKED}:
             raise ImportError(f"No module named {name!r} (blocked for this test)")
         return None
 
@@ -39,6 +39,14 @@ def load_gpu_check():
     return module
 
 
+def blocking_env(tmp_path, modules):
+    """Environment for a Python (and its children) in which `modules` cannot be imported."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER.replace("{BLOCKED}", repr(tuple(modules))))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+
+
 def cuda_test_names():
     with open(os.path.join(ROOT, "tests", "test_cuda.py")) as f:
         tree = ast.parse(f.read())
@@ -47,10 +55,7 @@ def cuda_test_names():
 
 @pytest.mark.slow
 def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    env = blocking_env(tmp_path, ["wandb", "datasets"])
     check = run_python(["-c", "import wandb"], env=env)
     assert check.returncode != 0 and "blocked for this test" in check.stderr
     out = tmp_path / "report"
@@ -125,3 +130,16 @@ def test_unknown_part_and_missing_out_are_one_error_line(tmp_path):
         result = subprocess.run([sys.executable, "scripts/gpu_check.py", *args], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow  # starts Python processes that import torch
+def test_a_python_without_pytest_gets_one_line_in_the_report(tmp_path):
+    out = tmp_path / "report"
+    result = run_python(["scripts/gpu_check.py", "--tiny", "--parts", "test_cuda", "--out", str(out)],
+                        env=blocking_env(tmp_path, ["pytest"]), timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    parts = {part["name"]: part for part in json.loads((out / "gpu_check.json").read_text())["parts"]}
+    assert parts["environment"]["status"] == "passed"  # the rest of the check still runs
+    assert parts["test_cuda"]["status"] == "failed"
+    assert parts["test_cuda"]["detail"].startswith("pytest is not installed in this Python")
+    assert "pytest is not installed" in (out / "gpu_check.md").read_text()
