@@ -22,8 +22,8 @@ from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, clean_state_dict, compare_configs, latest_valid,
                                             list_checkpoints, load_checkpoint, load_optimizer_state, newer_elsewhere,
                                             rng_state, set_rng_state, trim_metrics, try_load)
-from gpt2_pretrain.checkpoint.sharded import (SHARDED, link_copy, load_sharded, save_sharded, training_state,
-                                              weights_finite)
+from gpt2_pretrain.checkpoint.sharded import (SHARDED, is_sharded_checkpoint, link_copy, load_sharded,
+                                              ranks_that_cannot_read, save_sharded, training_state, weights_finite)
 from gpt2_pretrain.distributed import print0
 from gpt2_pretrain.errors import failed_save_message
 
@@ -54,8 +54,9 @@ class Checkpointer:
             return None, None
         if config.resume == "auto":
             return latest_valid(out_dir, warn=print0)
-        if not os.path.isfile(config.resume):
-            raise ConfigError(f"--resume={config.resume}: no such checkpoint file (use auto, never or a path).")
+        if not (os.path.isfile(config.resume) or is_sharded_checkpoint(config.resume)):
+            raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never "
+                              f"or a path).")
         checkpoint, problem = try_load(config.resume)
         if checkpoint is None:
             raise ConfigError(f"checkpoint {config.resume} is unusable ({problem}).")
@@ -86,6 +87,7 @@ class Checkpointer:
             for change in compare_configs(checkpoint["config"], self.config):
                 print0(f"resume: config changed since the checkpoint, {change}")
             if checkpoint["model"] == SHARDED:
+                self._check_every_rank_reads(path)
                 load_sharded(path, self.model, self.optimizers, load_optimizer_state)
             elif self.sharded:
                 raise ConfigError(f"checkpoint {path} is from a --parallel=ddp run: resume it with --parallel=ddp.")
@@ -111,6 +113,16 @@ class Checkpointer:
         if self.info.is_master:
             trim_metrics(self.config.out_dir, self.start_step)
         return self.start_step
+
+    def _check_every_rank_reads(self, path):
+        """A sharded checkpoint is read by every rank: one outside out_dir (--resume=PATH) may be on rank 0's
+        node only, which check_shared_out_dir does not cover. Every rank raises the same error then."""
+        blind = ranks_that_cannot_read(path) if self.info.ddp else []
+        if blind:
+            ranks = f"rank {blind[0]}" if len(blind) == 1 else f"ranks {', '.join(map(str, blind))}"
+            raise ConfigError(f"--resume={path}: {ranks} cannot read this sharded checkpoint, and every rank reads "
+                              f"its own shards: give a path every node sees (a shared filesystem), or copy the "
+                              f"folder to that path on every node.")
 
     def restore_rng(self):
         """Put back this rank's random states; call last before the loop so nothing draws from them first."""
