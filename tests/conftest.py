@@ -14,6 +14,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# one compute thread a process: `make test` runs two pytest workers, and most tests start processes of their
+# own (torchrun ranks), so a process that took every core would only fight the others for them. Set before
+# torch starts its thread pool here, and inherited by every subprocess a test starts
+os.environ["OMP_NUM_THREADS"] = "1"
+
 from data.shards import write_shard  # noqa: E402
 
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32"]
