@@ -29,6 +29,12 @@ SMALL_VOCAB = "--vocab_size=128"
 FULL_VOCAB = "--vocab_size=50304"
 
 
+def pytest_collection_modifyitems(items):
+    """The `slow` tests (processes of their own, tens of seconds) first: spread over the workers from the
+    start, the quick ones then fill the gaps, and no long test is left to run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def make_token_shards(data_dir, n_train_shards=2, train_tokens=6000, val_tokens=3000, seed=0):
     """Shards of a learnable sequence (a noisy counting pattern over 64 ids) plus manifest.json."""
     os.makedirs(data_dir, exist_ok=True)
