@@ -54,7 +54,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
     # evaluation and sampling
     eval_interval: int = 250  # steps between val loss evaluations and samples
-    eval_iters: int = 20  # val micro-batches of batch_size sequences per evaluation (whatever the world size)
+    eval_iters: int = 20  # val micro-batches of batch_size sequences, spread over the val split; -1: all of it; 0: none
     sample_tokens: int = 32  # tokens generated for the sample at each evaluation (0 disables)
     sample_prompt: str = "Hello, I'm a language model,"  # prompt of the sample at each evaluation
     hellaswag: bool = False  # HellaSwag acc and acc_norm at each evaluation (downloads the val set once)
@@ -235,7 +235,10 @@ def check_config(config):
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
-    for key in ("warmup_steps", "eval_iters", "keep_last", "sample_tokens"):
+    if config.eval_iters < -1:
+        raise ConfigError(f"config key 'eval_iters' must be -1 (all of val), 0 (no evaluation) or positive; "
+                          f"got {config.eval_iters}.")
+    for key in ("warmup_steps", "keep_last", "sample_tokens"):
         if getattr(config, key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative; got {getattr(config, key)}.")
     for key in ("dropout", "beta1", "beta2"):

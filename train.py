@@ -132,24 +132,23 @@ def hellaswag_examples(config, info):
 
 @torch.no_grad()
 def evaluate(model, val_loader, config, info):
-    """Mean val loss over the same eval_iters * batch_size windows whatever the world size."""
+    """Mean val loss over eval_iters * batch_size windows spread evenly over the whole val split (all of it
+    with eval_iters=-1): the same windows at every evaluation, whatever the world size."""
     model.eval()
-    windows = min(config.eval_iters * config.batch_size, val_loader.windows_per_epoch)
+    windows = val_loader.spread_windows(config.eval_iters * config.batch_size if config.eval_iters > 0 else None)
     per_call = config.batch_size * info.world_size
-    val_loader.rewind()
     loss_sum = torch.zeros((), device=info.device, dtype=torch.float64)
-    for call in range((windows + per_call - 1) // per_call):
-        x, y = val_loader.next_batch()
-        first = call * per_call + info.rank * config.batch_size
-        valid = max(0, min(config.batch_size, windows - first))
-        y[valid:] = -1  # windows past the fixed set: ignored by the loss, same shapes for torch.compile
+    for call_start in range(0, len(windows), per_call):
+        first = call_start + info.rank * config.batch_size
+        mine = windows[first:min(first + config.batch_size, call_start + per_call)]
+        x, y = val_loader.windows(mine, config.batch_size)  # padding rows: targets -1, same shapes on every call
         with autocast_context(info.device_type):
             _, loss = model(x, y)  # on every rank, rows or none: under fsdp each forward is a collective
-        if valid:  # a rank without rows has a nan loss (no target counted): it adds nothing
-            loss_sum += loss.double() * valid * config.block_size
+        if len(mine):  # a rank without rows has a nan loss (no target counted): it adds nothing
+            loss_sum += loss.double() * len(mine) * config.block_size
     all_reduce_sum(loss_sum, info)
     model.train()
-    return (loss_sum / (windows * config.block_size)).item()
+    return (loss_sum / (len(windows) * config.block_size)).item()
 
 
 def generate_sample(model, config, device, step):
@@ -214,7 +213,7 @@ def train(config, info, argv=()):
         last_step = step == config.max_steps
         stopping = stop.requested(step)
         saving = checkpoints.due(step, final=last_step or stopping)
-        evaluating = config.eval_iters > 0 and (step % config.eval_interval == 0 or last_step)
+        evaluating = config.eval_iters != 0 and (step % config.eval_interval == 0 or last_step)
         if saving or evaluating:
             guard.check(logger)  # the saved count of NaN/inf steps is complete
             window_start = None  # the time spent here is no training step's
