@@ -22,8 +22,8 @@ from data.tokenizer import decode, encode
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints
-from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, print0, setup_distributed,
-                                       teardown_distributed)
+from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, print0, seed_rank_streams,
+                                       setup_distributed, teardown_distributed)
 from gpt2_pretrain.dry_run import dry_run_report
 from gpt2_pretrain.errors import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token
@@ -183,6 +183,7 @@ def train(config, info, argv=()):
     raw_model = GPT(model_config(config))
     if config.init_from:
         load_gpt2_folder(raw_model, config)
+    seed_rank_streams(config.seed, info.rank)  # from here each rank its own: dropout masks differ across ranks
     raw_model.to(info.device)
     model, eval_model = wrap_model(raw_model, config, info)  # ddp, or fsdp: raw_model's weights become shards
     optimizers = make_optimizers(config, raw_model, device_type)

@@ -193,3 +193,23 @@ def test_val_loss_spreads_over_the_whole_split(tmp_path, eval_iters):
             assert sum(parts) == pytest.approx(expected, rel=1e-12)
     if eval_iters == 2:  # a fair sample of the whole: within half a stride of the ramp (3.75 ids) of its mean
         assert abs(expected - targets.mean()) < 4 and targets[:8].mean() < 2
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_the_same_initial_weights():
+    """train.py's order: seed, build the model, then seed_rank_streams. Ranks 0 and 1 get equal weights and
+    different dropout masks, and rank 0's masks are not the draws the weights were made from."""
+    from gpt2_pretrain.distributed import seed_rank_streams
+    from model import GPT, GPTConfig
+
+    weights, masks = [], []
+    for rank in (0, 1):
+        torch.manual_seed(1337)
+        model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16, dropout=0.5))
+        seed_rank_streams(1337, rank)
+        weights.append(model.state_dict())
+        masks.append(model.transformer.drop(torch.ones(1000)) == 0)
+    torch.manual_seed(1337)
+    after_seed = torch.nn.functional.dropout(torch.ones(1000), 0.5) == 0  # the stream the weights came from
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], after_seed)
