@@ -193,7 +193,26 @@ class Checkpointer:
         self.last_saved = (step, path)
 
     def update_best(self, step, val_loss, counters):
-        """After an evaluation: a new best val loss gets best_STEP.pt (a hard link when ckpt_STEP.pt exists)."""
+        """After an evaluation: a new best val loss gets best_STEP.pt, and is the best only once that file is
+        there: after a failed write (a full disk) the previous best stays the one to beat."""
+        previous = self.best_val_loss
+        path = os.path.join(self.config.out_dir, f"best_{step:06d}{self.suffix}")
+        try:
+            self._write_best(step, val_loss, counters)
+        except OSError as e:  # rank 0 alone, linking or copying ckpt_STEP: no collective is left waiting
+            print0(f"warning: could not write {path} ({e}); training goes on")
+        if self.config.keep_best and self.best_val_loss != previous and not self._exists_on_rank0(path):
+            self.best_val_loss = previous
+
+    def _exists_on_rank0(self, path):
+        """Whether rank 0 sees `path` (only its node may hold out_dir), told to every rank."""
+        box = [os.path.exists(path) if self.info.is_master else None]
+        if self.info.ddp:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _write_best(self, step, val_loss, counters):
+        """Write best_STEP (a hard link when ckpt_STEP.pt exists) for a new best val loss."""
         if step == 0 or not val_loss < self.best_val_loss:
             return  # the random init is no checkpoint to keep
         self.best_val_loss = val_loss
