@@ -258,3 +258,18 @@ def test_bench_prints_tokens_per_second_on_a_tiny_config(tmp_path):
     assert match and int(match.group(1).replace(",", "")) > 0, result.stdout
     bad = run_python(["scripts/bench.py", "--batch_sise=4"])
     assert bad.returncode == 2 and "Did you mean 'batch_size'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dry_run_on_a_cpu_speaks_of_the_cpu(token_dir, capsys, monkeypatch):
+    """--device=cpu: memory against this machine's RAM and no GPU times; --device=cuda: the GPU estimates."""
+    from gpt2_pretrain import dry_run as dry_run_module
+
+    monkeypatch.setattr(dry_run_module, "available_ram", lambda: 2**20)  # 1 MiB free: less than any model needs
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--device=cpu")
+    assert code == 0 and "H100" not in out and "A100" not in out and "GPU memory" not in out
+    assert re.search(r"CPU memory per process .* total [\d.]+ GiB; 1 process on this machine: [\d.]+ GiB of "
+                     r"0.00 GiB RAM available now", out)
+    assert "warning: the estimate" in out and "more than the RAM available" in out
+    assert "time per step on this CPU: not estimated" in out and "scripts/bench.py" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--device=cuda")
+    assert code == 0 and "time per step at 45% MFU on 1x H100" in out and "CPU memory" not in out
