@@ -30,7 +30,7 @@ from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token
 from gpt2_pretrain.guards import NonFiniteError, NonFiniteGuard, StopSignal, apply_update
 from gpt2_pretrain.hellaswag import HellaSwagError, evaluate_hellaswag, load_hellaswag
 from gpt2_pretrain.hf_interop import import_hf, mismatched_keys
-from gpt2_pretrain.logging import Logger, Progress, run_summary
+from gpt2_pretrain.logging import Logger, Progress, data_size, run_summary
 from gpt2_pretrain.muon import ShardedMuon
 from gpt2_pretrain.parallel import clip_grad_norm, set_gradient_sync, wrap_model
 from model import GPT, GPTConfig
@@ -174,7 +174,7 @@ def train(config, info, argv=()):
     train_loader = DataLoader(config.data_dir, "train", shuffle=config.shuffle, **loader_args)
     val_loader = DataLoader(config.data_dir, "val", shuffle=False, **loader_args)
     if train_loader.hashed_bytes + val_loader.hashed_bytes:
-        print0(f"checked the sha256 of {(train_loader.hashed_bytes + val_loader.hashed_bytes) / 1e9:.2f} GB of shards "
+        print0(f"checked the sha256 of {data_size(train_loader.hashed_bytes + val_loader.hashed_bytes)} of shards "
                f"against manifest.json in {time.time() - started:.1f}s (not again while they are unchanged)")
     hellaswag = hellaswag_examples(config, info)
 
@@ -218,7 +218,8 @@ def train(config, info, argv=()):
         if saving or evaluating:
             guard.check(logger)  # the saved count of NaN/inf steps is complete
             window_start = None  # the time spent here is no training step's
-        counters = {"nonfinite_steps": guard.total, "wandb_run_id": logger.wandb_run_id}  # what a checkpoint keeps
+        counters = {"nonfinite_steps": guard.total, "wandb_run_id": logger.wandb_run_id,  # what a checkpoint keeps
+                    "run_seconds": checkpoints.run_seconds + time.time() - started}
         if saving:
             checkpoints.save(step, final=last_step or stopping, counters=counters)
         if stopping:
@@ -259,7 +260,10 @@ def train(config, info, argv=()):
                         **progress.at(step, dt)})
     stop.close()
     stopped_by = (stop.received or "a signal on another rank") if stopping else None
-    for line in run_summary(config, argv, time.time() - started, step, stopped_by, can_sample=config.sample_tokens > 0):
+    this_process = time.time() - started
+    for line in run_summary(config, argv, checkpoints.run_seconds + this_process, step, stopped_by,
+                            can_sample=config.sample_tokens > 0,
+                            this_process=this_process if checkpoints.run_seconds else None):
         print0(line)
     logger.finish()
     return raw_model

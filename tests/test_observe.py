@@ -173,6 +173,34 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_a_resumed_run_counts_the_time_before_and_names_a_max_steps_behind_it(token_dir, tmp_path, capsys,
+                                                                             one_thread):
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    train.main(tiny_args(token_dir, out, "--max_steps=2"))
+    printed = capsys.readouterr().out
+    shards = sum(os.path.getsize(os.path.join(token_dir, n)) for n in os.listdir(token_dir) if n.endswith(".npy"))
+    assert f"checked the sha256 of {shards / 1e3:.0f} kB of shards" in printed  # not "0.00 GB"
+    path = os.path.join(out, "ckpt_000002.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert 0 < checkpoint["run_seconds"] < 600
+    checkpoint["run_seconds"] = 3600.0  # as if the first process had run an hour
+    torch.save(checkpoint, path)
+    train.main(tiny_args(token_dir, out, "--max_steps=4"))
+    printed = capsys.readouterr().out
+    assert re.search(r"run finished at step 4/4 in 1h00m \(\d+s of it in this process\)", printed)
+    train.main(tiny_args(token_dir, out, "--max_steps=3"))
+    printed = capsys.readouterr().out
+    assert "the checkpoint is at step 4, past --max_steps=3: nothing to train; give --max_steps above 4" in printed
+    assert "max_steps=3: raise" not in printed
+
+
+def test_data_sizes_read_in_their_own_unit():
+    from gpt2_pretrain.logging import data_size
+
+    assert [data_size(n) for n in (30_240, 3_400_000, 20_100_000_000)] == ["30 kB", "3.4 MB", "20.1 GB"]
+
+
 @pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands_run(token_dir, tmp_path, capsys,
                                                                                      one_thread):
@@ -245,6 +273,7 @@ def test_a_run_stopped_by_a_signal_ends_with_the_summary(token_dir, tmp_path, ca
     printed = capsys.readouterr().out
     summary = printed[printed.index("run stopped by SIGTERM at step 2/50 in "):]
     assert "tokens seen: 512 (2 steps of 256)" in summary
+    assert "val loss: last " in summary and "val loss: final" not in summary  # a stopped run has more to come
     assert summary_command(summary, "continue")[-2:] == ["--resume=auto", "--max_steps=50"]  # its own end
     assert summary_command(summary, "export")[2] == f"{out}/ckpt_000002.pt"
 

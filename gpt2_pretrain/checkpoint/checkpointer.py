@@ -39,6 +39,7 @@ class Checkpointer:
         self.best_val_loss = math.inf
         self.wandb_run_id = None  # the resumed run's W&B id (the logger continues it), None when fresh
         self.nonfinite_steps = 0  # the resumed run's count of skipped NaN/inf steps
+        self.run_seconds = 0.0  # the resumed run's time up to its checkpoint, over the processes before this one
         self.start_step = 0
         self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
         self._rank_state = None
@@ -104,10 +105,14 @@ class Checkpointer:
             self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
             self.wandb_run_id = checkpoint.get("wandb_run_id")
             self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+            self.run_seconds = checkpoint.get("run_seconds", 0.0)
             self.last_saved = (self.start_step, path)
             print0(f"resumed from {path} at step {self.start_step}")
-            if self.start_step >= self.config.max_steps:
+            if self.start_step == self.config.max_steps:
                 print0(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
+            elif self.start_step > self.config.max_steps:
+                print0(f"the checkpoint is at step {self.start_step}, past --max_steps={self.config.max_steps}: "
+                       f"nothing to train; give --max_steps above {self.start_step} to train on")
         if self.info.is_master:
             trim_metrics(self.config.out_dir, self.start_step)
         return self.start_step
@@ -136,6 +141,7 @@ class Checkpointer:
             "best_val_loss": self.best_val_loss,
             "wandb_run_id": counters["wandb_run_id"],
             "nonfinite_steps": counters["nonfinite_steps"],
+            "run_seconds": counters.get("run_seconds", 0.0),
         }
 
     def _write(self, checkpoint, path, final=False):
