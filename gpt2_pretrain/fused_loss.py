@@ -4,8 +4,9 @@ Plain `F.cross_entropy(lm_head(x).float(), targets)` holds the (B*T, V) logits, 
 the softmax gradient at once: about 5 GB for GPT-2 124M at batch 8 x 1024, 13 GB per float32 copy at
 batch 64. Here each chunk of rows gets its logits, its loss and the gradient of both inputs (x and the
 lm_head weight) in the forward pass, and the chunk's logits are freed before the next one; backward only
-scales the stored gradients. Under no_grad (evaluation) only the loss is computed. Same arithmetic as the plain loss: logits in the autocast dtype (bf16 on
-GPUs), softmax in float32, the softmax over every column of the padded vocabulary, -1 targets ignored.
+scales the stored gradients. Under no_grad (evaluation) only the loss is computed. Same arithmetic as the
+plain loss: logits in the autocast dtype (bf16 on GPUs), softmax in float32, the softmax over every column
+of the padded vocabulary, -1 targets ignored.
 """
 
 import torch
