@@ -258,6 +258,13 @@ def check_config(config):
                           f"default), or turn samples off with --sample_tokens=0.")
 
 
+# keys an optimizer does not read, and why; a value away from its default draws a warning
+IGNORED_BY = {"muon": ("weight_decay", "beta1", "beta2"),
+              "adamw": ("matrix_lr", "embedding_lr", "unembedding_lr", "muon_momentum")}
+IGNORED_WHY = {"muon": "Muon uses no weight decay, and its AdamW part fixed betas (0.8, 0.95) (docs/muon.md)",
+               "adamw": "those are Muon's settings; AdamW uses learning_rate, weight_decay, beta1 and beta2"}
+
+
 def plan_warnings(config, train_tokens=None):
     """`warning:` lines about a config that runs but probably not as meant; train_tokens: the train split's size."""
     warnings = []
@@ -267,6 +274,12 @@ def plan_warnings(config, train_tokens=None):
             f"warning: warmup_steps ({config.warmup_steps}) >= max_steps ({config.max_steps}): the learning rate is "
             f"still warming up at the last step ({100 * peak:.0f}% of learning_rate) and never decays; set "
             f"--warmup_steps={max(1, config.max_steps // 10)} (a tenth of max_steps) or lower.")
+    defaults = TrainConfig()
+    ignored = [f"{key}={getattr(config, key)}" for key in IGNORED_BY[config.optimizer]
+               if getattr(config, key) != getattr(defaults, key)]
+    if ignored:
+        warnings.append(f"warning: --optimizer={config.optimizer} ignores {', '.join(ignored)} (set away from the "
+                        f"default): {IGNORED_WHY[config.optimizer]}")
     planned = config.max_steps * config.total_batch_size
     if train_tokens and planned > train_tokens:
         passes = planned / train_tokens

@@ -195,6 +195,15 @@ def test_a_resumed_run_counts_the_time_before_and_names_a_max_steps_behind_it(to
     assert "max_steps=3: raise" not in printed
 
 
+def test_settings_the_optimizer_ignores_are_named(token_dir, capsys):
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--optimizer=muon", "--weight_decay=0.2", "--beta1=0.8")
+    assert code == 0 and "warning: --optimizer=muon ignores weight_decay=0.2, beta1=0.8 (set away from" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--matrix_lr=0.05")
+    assert code == 0 and "warning: --optimizer=adamw ignores matrix_lr=0.05 (set away from" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--optimizer=muon", "--matrix_lr=0.05")
+    assert code == 0 and "ignores" not in out
+
+
 def test_data_sizes_read_in_their_own_unit():
     from gpt2_pretrain.logging import data_size
 
