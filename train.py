@@ -16,7 +16,8 @@ import torch
 from safetensors import SafetensorError
 
 from config import ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings, save_config
-from configure_optimizers import configure_adamw, configure_muon, get_lr, muon_momentum, set_lr, set_muon_momentum
+from configure_optimizers import (configure_adamw, configure_muon, get_lr, lr_jump_warning, muon_momentum, set_lr,
+                                  set_muon_momentum)
 from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
@@ -190,6 +191,10 @@ def train(config, info, argv=()):
     # resume: weights, optimizers, loader position and counters from a checkpoint (config.resume), or start fresh
     checkpoints = Checkpointer(config, info, raw_model, optimizers, train_loader)
     start_step = checkpoints.resume()
+    if checkpoints.resumed_config:  # a changed schedule moves the lr at once: say from what to what
+        jump = lr_jump_warning(checkpoints.resumed_config, config_to_dict(config), start_step)
+        if jump:
+            print0(jump)
 
     if info.is_master:
         os.makedirs(config.out_dir, exist_ok=True)

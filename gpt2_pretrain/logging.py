@@ -279,10 +279,13 @@ def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=Tr
         f"--out {shlex.quote(os.path.join(out_dir, 'loss.png'))}",
         f"  export:   {python} {script('scripts', 'export_hf.py')} {shlex.quote(newest)} "
         f"{shlex.quote(os.path.join(out_dir, 'hf'))}",
-        # a stopped run goes on to its own max_steps; a finished one trains as long again
+        # a stopped run goes on to its own max_steps; a finished one (or one resumed past it) trains as long again
         "  continue: " + " ".join([launcher, *map(shlex.quote, kept_args), "--resume=auto",
-                                   f"--max_steps={config.max_steps if stopped_by else 2 * config.max_steps}"]),
+                                   f"--max_steps={config.max_steps if stopped_by else step + config.max_steps}"]),
     ]
+    if not stopped_by:
+        lines.append("            (the cosine is stretched to the new max_steps: the lr rises from min_lr at once; "
+                     "the resumed run prints it before and after)")
     return lines
 
 

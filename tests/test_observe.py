@@ -189,6 +189,11 @@ def test_a_resumed_run_counts_the_time_before_and_names_a_max_steps_behind_it(to
     train.main(tiny_args(token_dir, out, "--max_steps=4"))
     printed = capsys.readouterr().out
     assert re.search(r"run finished at step 4/4 in 1h00m \(\d+s of it in this process\)", printed)
+    # continuing the finished run stretches the cosine: at step 2 the lr was min_lr (1e-4) and is now the peak
+    # (1e-3, the cosine's start after 2 warmup steps), as the resumed run's step line logs it
+    assert ("warning: resume at step 2: the learning rate was 1.000e-04 on the checkpoint's schedule and is "
+            "1.000e-03 on this one (max_steps 2 -> 4)") in printed
+    assert next(m["lr"] for m in read_metrics(out) if m.get("step") == 2 and "lr" in m) == pytest.approx(1e-3)
     train.main(tiny_args(token_dir, out, "--max_steps=3"))
     printed = capsys.readouterr().out
     assert "the checkpoint is at step 4, past --max_steps=3: nothing to train; give --max_steps above 4" in printed

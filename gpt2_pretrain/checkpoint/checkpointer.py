@@ -40,6 +40,7 @@ class Checkpointer:
         self.wandb_run_id = None  # the resumed run's W&B id (the logger continues it), None when fresh
         self.nonfinite_steps = 0  # the resumed run's count of skipped NaN/inf steps
         self.run_seconds = 0.0  # the resumed run's time up to its checkpoint, over the processes before this one
+        self.resumed_config = None  # the resumed checkpoint's config, as a dict
         self.start_step = 0
         self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
         self._rank_state = None
@@ -106,6 +107,7 @@ class Checkpointer:
             self.wandb_run_id = checkpoint.get("wandb_run_id")
             self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
             self.run_seconds = checkpoint.get("run_seconds", 0.0)
+            self.resumed_config = checkpoint["config"]
             self.last_saved = (self.start_step, path)
             print0(f"resumed from {path} at step {self.start_step}")
             if self.start_step == self.config.max_steps:
