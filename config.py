@@ -57,7 +57,7 @@ class TrainConfig:
     eval_iters: int = 20  # val micro-batches of batch_size sequences, spread over the val split; -1: all of it; 0: none
     sample_tokens: int = 32  # tokens generated for the sample at each evaluation (0 disables)
     sample_prompt: str = "Hello, I'm a language model,"  # prompt of the sample at each evaluation
-    hellaswag: bool = False  # HellaSwag acc and acc_norm at each evaluation (downloads the val set once)
+    hellaswag: bool = False  # HellaSwag acc, acc_norm, acc_per_token at each evaluation (downloads the val set once)
     hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag val jsonl (fetched if missing)
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -243,7 +243,8 @@ def train(config, info, argv=()):
                 # sequence dynamic, and the training graph compiled after it would keep them for the whole run
                 scores = evaluate_hellaswag(raw_model, hellaswag, encode, config.block_size, info.device, info.rank,
                                             info.world_size, lambda: autocast_context(device_type))
-                print0(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
+                print0(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} | "
+                       f"acc_per_token {scores['hellaswag_acc_per_token']:.4f}")
                 logger.log({"step": step, **scores})
             checkpoints.update_best(step, val_loss, counters=counters)
         if last_step:

@@ -291,7 +291,8 @@ def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=Tr
 
 WANDB_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr",
                "tokens_per_sec": "train/tokens_per_sec", "mfu": "train/mfu", "val_loss": "val/loss",
-               "hellaswag_acc_norm": "hellaswag/acc_norm", "hellaswag_acc": "hellaswag/acc"}
+               "hellaswag_acc_norm": "hellaswag/acc_norm", "hellaswag_acc": "hellaswag/acc",
+               "hellaswag_acc_per_token": "hellaswag/acc_per_token"}
 
 
 def wandb_keys(metrics):
