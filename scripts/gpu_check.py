@@ -237,7 +237,8 @@ def plan(check):
         ("prepare", 15, [], [python, "data/prepare.py", "--source", source, "--out", check.tokens, "--val_tokens",
                              str(s["val_tokens"]), "--workers", str(s["workers"])], parse_prepare),
         ("dry_run", 10, ["prepare"], [python, "train.py", *check.train_args(*bench_batch, f"--data_dir={check.tokens}",
-                                                                          "--dry_run")], parse_dry_run),
+                                                                          "--dry_run", "--device=cuda")],
+         parse_dry_run),  # --device=cuda: the GPU estimates, also in --tiny on a CPU
         ("hellaswag", 25, [], [python, "scripts/bench_hellaswag.py", "--hellaswag_path", check.hellaswag_path,
                                "--examples", str(s["examples"]), "--rounds", str(s["rounds"]), "--device", s["device"],
                                *s["hellaswag_model"], "--json"], parse_json),
