@@ -194,10 +194,11 @@ def test_a_resumed_run_counts_the_time_before_and_names_a_max_steps_behind_it(to
     assert ("warning: resume at step 2: the learning rate was 1.000e-04 on the checkpoint's schedule and is "
             "1.000e-03 on this one (max_steps 2 -> 4)") in printed
     assert next(m["lr"] for m in read_metrics(out) if m.get("step") == 2 and "lr" in m) == pytest.approx(1e-3)
-    train.main(tiny_args(token_dir, out, "--max_steps=3"))
+    train.main(tiny_args(token_dir, out, "--max_steps=2"))
     printed = capsys.readouterr().out
-    assert "the checkpoint is at step 4, past --max_steps=3: nothing to train; give --max_steps above 4" in printed
-    assert "max_steps=3: raise" not in printed
+    assert "the checkpoint is at step 4, past --max_steps=2: nothing to train; give --max_steps above 4" in printed
+    assert "max_steps=2: raise" not in printed
+    assert summary_command(printed, "continue")[-1] == "--max_steps=6"  # past step 4: it trains (2 * 2 would not)
 
 
 def test_settings_the_optimizer_ignores_are_named(token_dir, capsys):
