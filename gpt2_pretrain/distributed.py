@@ -10,9 +10,11 @@ import contextlib
 import datetime
 import gc
 import os
+import random
 import signal
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -111,6 +113,16 @@ def all_reduce_mean(tensor, info):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= info.world_size
     return tensor
+
+
+def seed_rank_streams(seed, rank):
+    """Give this rank its own random streams (torch on every device, python, numpy); call once the model
+    is built, so the initial weights stay the same on every rank while dropout masks and other draws differ.
+    Mixed from (seed, rank) by numpy's SeedSequence: no rank's stream repeats the one the weights came from."""
+    rank_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])  # uint32
+    torch.manual_seed(rank_seed)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
 
 
 def all_reduce_sum(tensor, info):

@@ -29,7 +29,7 @@ class Blocked:
 sys.meta_path.insert(0, Blocked())
 """
 PARTS = ["environment", "prepare", "dry_run", "hellaswag", "test_cuda", "bench_adamw_ddp", "bench_muon_ddp",
-         "bench_adamw_fsdp", "bench_muon_fsdp", "run", "resume"]
+         "bench_adamw_fsdp", "bench_muon_fsdp", "run", "resume", "precision_ddp", "precision_fsdp"]
 
 
 def load_gpu_check():
@@ -91,9 +91,14 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
     run, resume = parts["run"]["results"], parts["resume"]["results"]
     assert run["last_loss"] < run["first_loss"] and run["hellaswag_acc_norm"] and run["val_loss"]
     assert resume["resumed_at"] == 10 and resume["steps"] == 2
+    precision = parts["precision_fsdp"]["results"]
+    assert precision["ddp_losses"] == parts["precision_ddp"]["results"]["losses"] and len(precision["losses"]) == 20
+    # on a CPU both keep float32 weights (no bf16 policy): only the order of a few float32 sums differs
+    assert precision["max_loss_gap"] < 1e-3
 
     markdown = (out / "gpu_check.md").read_text()
-    for heading in ("## tests/test_cuda.py", "## scripts/bench.py", "## Real run and resume", "## HellaSwag throughput"):
+    for heading in ("## tests/test_cuda.py", "## scripts/bench.py", "## Real run and resume", "## HellaSwag throughput",
+                    "## ddp against fsdp (mixed precision)"):
         assert heading in markdown
     assert "torch " + torch.__version__ in markdown and "all parts passed" in markdown
     log = (out / "gpu_check.log").read_text()

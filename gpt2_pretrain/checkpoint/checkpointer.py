@@ -39,6 +39,8 @@ class Checkpointer:
         self.best_val_loss = math.inf
         self.wandb_run_id = None  # the resumed run's W&B id (the logger continues it), None when fresh
         self.nonfinite_steps = 0  # the resumed run's count of skipped NaN/inf steps
+        self.run_seconds = 0.0  # the resumed run's time up to its checkpoint, over the processes before this one
+        self.resumed_config = None  # the resumed checkpoint's config, as a dict
         self.start_step = 0
         self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
         self._rank_state = None
@@ -106,10 +108,15 @@ class Checkpointer:
             self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
             self.wandb_run_id = checkpoint.get("wandb_run_id")
             self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+            self.run_seconds = checkpoint.get("run_seconds", 0.0)
+            self.resumed_config = checkpoint["config"]
             self.last_saved = (self.start_step, path)
             print0(f"resumed from {path} at step {self.start_step}")
-            if self.start_step >= self.config.max_steps:
+            if self.start_step == self.config.max_steps:
                 print0(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
+            elif self.start_step > self.config.max_steps:
+                print0(f"the checkpoint is at step {self.start_step}, past --max_steps={self.config.max_steps}: "
+                       f"nothing to train; give --max_steps above {self.start_step} to train on")
         if self.info.is_master:
             trim_metrics(self.config.out_dir, self.start_step)
         return self.start_step
@@ -148,6 +155,7 @@ class Checkpointer:
             "best_val_loss": self.best_val_loss,
             "wandb_run_id": counters["wandb_run_id"],
             "nonfinite_steps": counters["nonfinite_steps"],
+            "run_seconds": counters.get("run_seconds", 0.0),
         }
 
     def _write(self, checkpoint, path, final=False):
@@ -205,7 +213,26 @@ class Checkpointer:
         self.last_saved = (step, path)
 
     def update_best(self, step, val_loss, counters):
-        """After an evaluation: a new best val loss gets best_STEP.pt (a hard link when ckpt_STEP.pt exists)."""
+        """After an evaluation: a new best val loss gets best_STEP.pt, and is the best only once that file is
+        there: after a failed write (a full disk) the previous best stays the one to beat."""
+        previous = self.best_val_loss
+        path = os.path.join(self.config.out_dir, f"best_{step:06d}{self.suffix}")
+        try:
+            self._write_best(step, val_loss, counters)
+        except OSError as e:  # rank 0 alone, linking or copying ckpt_STEP: no collective is left waiting
+            print0(f"warning: could not write {path} ({e}); training goes on")
+        if self.config.keep_best and self.best_val_loss != previous and not self._exists_on_rank0(path):
+            self.best_val_loss = previous
+
+    def _exists_on_rank0(self, path):
+        """Whether rank 0 sees `path` (only its node may hold out_dir), told to every rank."""
+        box = [os.path.exists(path) if self.info.is_master else None]
+        if self.info.ddp:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _write_best(self, step, val_loss, counters):
+        """Write best_STEP (a hard link when ckpt_STEP.pt exists) for a new best val loss."""
         if step == 0 or not val_loss < self.best_val_loss:
             return  # the random init is no checkpoint to keep
         self.best_val_loss = val_loss
