@@ -73,8 +73,8 @@ class TrainConfig:
     wandb_run_name: str = ""  # W&B run name (empty: W&B picks one)
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: look up the GPU's dense bf16 peak)
     # checkpoints
-    checkpoint_interval: int = 500  # steps between checkpoints; one is also written at the end and on SIGTERM/SIGINT
-    stop_check_interval: int = 10  # steps between the ranks' checks for SIGTERM/SIGINT under torchrun (a collective)
+    checkpoint_interval: int = 500  # steps between checkpoints; one also at the end and on SIGTERM/SIGINT/SIGHUP
+    stop_check_interval: int = 10  # steps between the ranks' checks for a stop signal under torchrun (a collective)
     keep_last: int = 2  # ckpt_STEP.pt files kept in out_dir (0 keeps all), besides the best-val one
     keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
     resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint

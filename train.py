@@ -19,6 +19,7 @@ from config import ConfigError, config_to_dict, format_config, help_text, load_c
 from configure_optimizers import configure_adamw, configure_muon, get_lr, muon_momentum, set_lr, set_muon_momentum
 from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
+from gpt2_pretrain import console
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints
@@ -163,6 +164,7 @@ def generate_sample(model, config, device, step):
 
 
 def train(config, info, argv=()):
+    console.begin()  # what this run prints goes to out_dir/console.log from its first metrics record
     grad_accum_steps = grad_accum_steps_for(config, info.world_size)
     device_type = info.device_type
     if device_type == "cuda":
@@ -205,7 +207,7 @@ def train(config, info, argv=()):
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
-    stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
     window_start, step, stopping = None, start_step, False

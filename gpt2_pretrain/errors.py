@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError
+from gpt2_pretrain import console
 
 # how long a failing rank waits for rank 0's error before deciding that rank 0 does not share it: ranks
 # that hit the same mistake reach it within moments of each other
@@ -52,7 +53,7 @@ def _line_under_torchrun(message, rank, world_size, consequence):
         if consequence and any(store.check([f"{key}{r}"]) for r in range(world_size) if r != rank):
             return None
         if rank == 0:
-            print(f"error: {message}", file=sys.stderr, flush=True)  # before the key: the others exit after it
+            console.write(f"error: {message}\n", sys.stderr)  # before the key: the others exit after it
             with contextlib.suppress(Exception):
                 store.set(f"{key}0", message)
             return None
@@ -71,7 +72,7 @@ def fail(message, consequence=False):
     if world_size > 1:
         message = _line_under_torchrun(message, int(os.environ.get("RANK", "0")), world_size, consequence)
     if message is not None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        console.write(f"error: {message}\n", sys.stderr)  # a closed stderr drops it; console.log keeps it
     raise SystemExit(2)
 
 

@@ -1,0 +1,60 @@
+"""What a run prints: to the terminal while one listens, and a copy in out_dir/console.log.
+
+A closed stdout or stderr (a pipe whose reader is gone: `| head -n 2`, a `| tee` that Ctrl-C ended, a lost
+terminal) never stops training: a line that cannot be printed is dropped, and the stream is pointed at
+/dev/null so that later lines, and Python's flush at exit, pass quietly. The copy keeps every line: the
+lines before the run's first metrics record wait in memory, so a run refused at start writes no file.
+"""
+
+import os
+import sys
+
+MAX_WAITING_LINES = 10_000  # a bound on what waits for the file; a run's start prints a few hundred lines
+
+_copy = {"file": None, "waiting": []}
+
+
+def begin():
+    """A run starts (again in the same process, in tests): forget the previous run's copy."""
+    end()
+    _copy["waiting"] = []
+
+
+def end():
+    if _copy["file"] is not None:
+        _copy["file"].close()
+        _copy["file"] = None
+
+
+def copy_to(path):
+    """From now on every line also goes to `path` (appended), the lines printed so far first."""
+    if _copy["file"] is not None:
+        return
+    _copy["file"] = open(path, "a")
+    _copy["file"].write("".join(_copy["waiting"]))
+    _copy["file"].flush()
+    _copy["waiting"] = []
+
+
+def _silence(stream):
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no descriptor (a test's captured stream): nothing to redirect
+        pass
+
+
+def write(text, stream=None):
+    """Print `text` to `stream` (stdout), or drop it when nobody reads it any more; copy it either way."""
+    if _copy["file"] is not None:
+        _copy["file"].write(text)
+        _copy["file"].flush()
+    elif len(_copy["waiting"]) < MAX_WAITING_LINES:
+        _copy["waiting"].append(text)
+    stream = stream or sys.stdout
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError):  # EPIPE (reader gone), EIO (terminal gone), ValueError (stream closed)
+        _silence(stream)
