@@ -263,6 +263,8 @@ def train(config, info, argv=()):
     stopped_by = (stop.received or "a signal on another rank") if stopping else None
     for line in run_summary(config, argv, time.time() - started, step, stopped_by, can_sample=config.sample_tokens > 0):
         print0(line)
+    if checkpoints.timeline_note:
+        print0(f"  {checkpoints.timeline_note}")  # a rollback: where the older timeline's files went
     logger.finish()
     return raw_model
 
