@@ -35,7 +35,7 @@ class TrainConfig:
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
     dropout: float = 0.0  # dropout probability (0 for pretraining)
     tie_embeddings: bool = True  # share the token embedding with lm_head, as GPT-2 does
-    init_from: str = ""  # start from a local GPT-2 folder (config.json + model.safetensors) instead of scratch
+    init_from: str = ""  # start from a GPT-2 folder (config.json + model.safetensors) or a checkpoint's weights
     # data
     data_dir: str = "data/fineweb10B"  # folder of uint16 .npy shards and manifest.json (data/prepare.py)
     shuffle: bool = True  # visit shards and windows in an order shuffled from the seed each epoch

@@ -22,7 +22,7 @@ from data.tokenizer import decode, encode
 from gpt2_pretrain import console
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
-from gpt2_pretrain.checkpoint.files import list_checkpoints
+from gpt2_pretrain.checkpoint.files import init_weights, list_checkpoints
 from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, print0, setup_distributed,
                                        teardown_distributed)
 from gpt2_pretrain.dry_run import dry_run_report
@@ -105,7 +105,11 @@ def train_step(model, optimizers, next_batch, grad_accum_steps, step, config, in
 
 
 def load_gpt2_folder(model, config):
-    """Start from a local GPT-2 folder (e.g. written by scripts/export_hf.py or a transformers save)."""
+    """Start from a local GPT-2 folder (e.g. written by scripts/export_hf.py or a transformers save), or from
+    the weights of one of our checkpoints (a .pt file or .dcp folder)."""
+    if os.path.isfile(config.init_from) or os.path.isfile(os.path.join(config.init_from, ".metadata")):
+        model.load_state_dict(init_weights(config.init_from, config))
+        return
     if not os.path.isfile(os.path.join(config.init_from, "model.safetensors")):
         raise ConfigError(f"init_from '{config.init_from}' has no model.safetensors: give a GPT-2 folder "
                           f"with config.json and model.safetensors.")

@@ -14,7 +14,7 @@ from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints, try_load
 from gpt2_pretrain.distributed import DistInfo
 from model import GPT, GPTConfig
-from tests.conftest import FULL_VOCAB, read_metrics, run_python, tiny_args
+from tests.conftest import FULL_VOCAB, make_token_shards, read_metrics, run_python, tiny_args
 
 
 def run(token_dir, out, *extra):
@@ -254,3 +254,27 @@ def test_a_sharded_checkpoint_checks_each_of_its_files(token_dir, tmp_path):
     shard = next(n for n in os.listdir(path) if n.endswith(".distcp"))
     zero_middle(os.path.join(path, shard), size=64)  # the shard file stays readable by DCP
     assert try_load(path)[1] == f"its file {shard} does not match its checksum: it changed after it was written"
+
+
+def test_a_run_is_its_data(token_dir, tmp_path, capsys):
+    # the old code printed "config changed" and went on training the first corpus's model on the second
+    out = run(token_dir, tmp_path / "run", "--max_steps=2")
+    other = make_token_shards(str(tmp_path / "other"), seed=1)  # the same shard names, other tokens
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(other, out, "--max_steps=4")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    latest = os.path.join(out, "ckpt_000002.pt")
+    assert error.count("\n") == 1 and f"--data_dir={other} holds other data than {latest}" in error
+    assert f"--init_from={latest} --out_dir=ANOTHER_FOLDER" in error
+    assert snapshot(out) == before
+    # the deliberate way: a new run from the checkpoint's weights; its step-0 val loss is the checkpoint's
+    # model evaluated on the same val windows as the first run's step-2 evaluation
+    fresh = run(token_dir, tmp_path / "fresh", "--max_steps=1", f"--init_from={latest}")
+    val = {m["step"]: m["val_loss"] for m in read_metrics(out) if "val_loss" in m}
+    assert read_metrics(fresh)[0] == {"step": 0, "val_loss": val[2]}
+    with pytest.raises(SystemExit):
+        run(token_dir, tmp_path / "wider", "--max_steps=1", f"--init_from={latest}", "--n_embd=64")
+    assert "holds another model shape: n_embd: 32 in the checkpoint, 64 requested" in capsys.readouterr().err

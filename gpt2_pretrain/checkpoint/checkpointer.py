@@ -93,6 +93,7 @@ class Checkpointer:
         """Restore weights, optimizers, loader and counters from the chosen checkpoint; return the start step."""
         path, checkpoint = self._pick_and_broadcast()
         if path is not None:
+            self._check_data(path, checkpoint)
             for change in compare_configs(checkpoint["config"], self.config):
                 print0(f"resume: config changed since the checkpoint, {change}")
             if checkpoint["model"] == SHARDED:
@@ -122,6 +123,17 @@ class Checkpointer:
         if self.info.is_master:
             self._new_timeline(path)
         return self.start_step
+
+    def _check_data(self, path, checkpoint):
+        """A run is its data: resuming it on another data_dir manifest is refused, with the deliberate way."""
+        data = checkpoint.get("data")  # absent in checkpoints written before it was kept
+        if data is None or data["manifest_sha256"] == self.loader.manifest_digest:
+            return
+        raise ConfigError(
+            f"--data_dir={self.config.data_dir} holds other data than {path} was trained on (--data_dir="
+            f"{data['data_dir']}: another manifest.json) and a run is its data. To go on training that model on "
+            f"this data, start a new run from its weights: --init_from={path} --out_dir=ANOTHER_FOLDER; to "
+            f"resume this run, give its own --data_dir={data['data_dir']}.")
 
     def _new_timeline(self, path):
         """Rank 0, after a resume (or a fresh start): metrics.jsonl is cut back to the start step, and the
@@ -166,6 +178,7 @@ class Checkpointer:
             "best_val_loss": self.best_val_loss,
             "wandb_run_id": counters["wandb_run_id"],
             "nonfinite_steps": counters["nonfinite_steps"],
+            "data": {"manifest_sha256": self.loader.manifest_digest, "data_dir": self.config.data_dir},
         }
 
     def _write(self, checkpoint, path, final=False):

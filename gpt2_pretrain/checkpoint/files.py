@@ -88,6 +88,21 @@ def latest_valid(out_dir, warn=print, advice="give one checkpoint that is usable
     return None, None
 
 
+def init_weights(path, config):
+    """The model weights of checkpoint `path` (a .pt file or .dcp folder) for a new run of `config`
+    (--init_from): step, optimizer and data start afresh. Refused when unusable or of another model shape."""
+    checkpoint, problem = try_load(path, required=("model", "config"))
+    if checkpoint is None:
+        raise ConfigError(f"init_from '{path}' is unusable ({problem}).")
+    requested = config_to_dict(config)
+    differ = [f"{k}: {checkpoint['config'].get(k)!r} in the checkpoint, {requested[k]!r} requested"
+              for k in RESUME_MUST_MATCH if k != "optimizer" and checkpoint["config"].get(k) != requested[k]]
+    if differ:
+        raise ConfigError(f"init_from '{path}' holds another model shape: {'; '.join(differ)}. Set these keys to "
+                          f"the checkpoint's values.")
+    return model_weights(path, checkpoint)
+
+
 def compare_configs(saved, config):
     """Refuse a checkpoint of another model; return the other keys that differ as 'key: old -> new'."""
     requested = config_to_dict(config)
