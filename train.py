@@ -26,7 +26,7 @@ from gpt2_pretrain.checkpoint.files import init_weights, list_checkpoints
 from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, print0, setup_distributed,
                                        teardown_distributed)
 from gpt2_pretrain.dry_run import dry_run_report
-from gpt2_pretrain.errors import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
+from gpt2_pretrain.errors import check_ranks_agree, check_shared_out_dir, fail, hold_out_dir, reported_as_errors
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token
 from gpt2_pretrain.guards import NonFiniteError, NonFiniteGuard, StopSignal, apply_update
 from gpt2_pretrain.hellaswag import HellaSwagError, evaluate_hellaswag, load_hellaswag
@@ -183,6 +183,7 @@ def train(config, info, argv=()):
     if train_loader.hashed_bytes + val_loader.hashed_bytes:
         print0(f"checked the sha256 of {(train_loader.hashed_bytes + val_loader.hashed_bytes) / 1e9:.2f} GB of shards "
                f"against manifest.json in {time.time() - started:.1f}s (not again while they are unchanged)")
+    check_ranks_agree(config_to_dict(config), train_loader.manifest_shards)  # a difference: an error, not a hang
     hellaswag = hellaswag_examples(config, info)
 
     # model: the same initial weights on every rank

@@ -180,6 +180,7 @@ class DataLoader:
                  shuffle=True, device="cpu", vocab_size=None):
         manifest = read_manifest(data_dir)
         self.manifest_digest = manifest_digest(manifest)  # the data's identity, kept in checkpoints
+        self.manifest_shards = {s["name"]: s for s in manifest["shards"]}  # what the ranks compare before step 0
         shards = split_shards(manifest, data_dir, split)
         self.tokens = [open_shard(data_dir, s) for s in shards]
         self.paths = [os.path.join(data_dir, s["name"]) for s in shards]

@@ -208,6 +208,30 @@ def check_shared_out_dir(out_dir, parallel):
                           f".pt checkpoints only rank 0 writes and reads.")
 
 
+def check_ranks_agree(config, shards):
+    """Before the first step every rank sends its resolved config (a dict) and its data manifest's shards
+    ({name: entry}) to the others; a difference from rank 0 stops every rank with the same ConfigError,
+    naming the ranks and the keys or shards, instead of a hang in the first collective that they disagree on."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (config, shards))
+    (config0, shards0), differences = gathered[0], []
+    for rank, (config_r, shards_r) in enumerate(gathered[1:], 1):
+        keys = sorted(k for k in config0.keys() | config_r.keys() if config0.get(k) != config_r.get(k))
+        names = sorted(n for n in shards0.keys() | shards_r.keys() if shards0.get(n) != shards_r.get(n))
+        if keys:
+            differences.append(f"rank {rank} has " + ", ".join(f"{k}={config_r.get(k)!r} (rank 0: {config0.get(k)!r})"
+                                                                 for k in keys[:8]))
+        if names:
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            differences.append(f"rank {rank}'s data_dir differs from rank 0's in shards {listed}")
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        raise ConfigError(f"the ranks disagree before the first step: {shown}. Start every rank with the same "
+                          f"command, config files and flags, and the same data (compare manifest.json).")
+
+
 def tensor_bytes(obj):
     """Bytes of the tensors in a nested checkpoint: about what it takes on disk."""
     if isinstance(obj, torch.Tensor):
