@@ -190,7 +190,7 @@ def read_config_file(path):
                           f"of `key = value` lines.") from None
     try:
         exec(compile(source, path, "exec"), namespace)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # SystemExit: a file that calls sys.exit() or exit()
         raise ConfigError(f"config file '{path}' could not be read: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not inspect.ismodule(v)}
 
@@ -200,6 +200,11 @@ def load_config(argv):
 
     Flags win wherever they stand: `--max_steps=10 configs/shakespeare.py` runs 10 steps."""
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for flag, following in zip(argv, argv[1:]):  # `--max_steps 100`: the 100 would be read as a config file
+        key = flag[2:].replace("-", "_")
+        if flag.startswith("--") and "=" not in flag and types.get(key) not in (None, bool) and \
+                not following.startswith("-") and not os.path.isfile(following):
+            raise ConfigError(f"'{flag} {following}': flags take --key=value, with no space: write {flag}={following}.")
     files = [arg for arg in argv if not arg.startswith("-")]
     flags = [arg for arg in argv if arg.startswith("-")]
     values = {}
@@ -235,7 +240,7 @@ def check_config(config):
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
-    for key in ("warmup_steps", "eval_iters", "keep_last", "sample_tokens"):
+    for key in ("warmup_steps", "eval_iters", "keep_last", "sample_tokens", "seed"):
         if getattr(config, key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative; got {getattr(config, key)}.")
     for key in ("dropout", "beta1", "beta2"):
@@ -245,6 +250,9 @@ def check_config(config):
                 "unembedding_lr"):
         if not 0 <= getattr(config, key) < float("inf"):
             raise ConfigError(f"config key '{key}' must be a finite number >= 0; got {getattr(config, key)}.")
+    if config.learning_rate == 0:  # the schedule scales each group's lr by lr / learning_rate
+        raise ConfigError("config key 'learning_rate' must be positive; got 0.0. The other lrs (min_lr, and "
+                          "Muon's matrix_lr ...) follow its schedule.")
     if config.peak_flops < 0:
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:

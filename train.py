@@ -115,7 +115,7 @@ def load_gpt2_folder(model, config):
                           f"with config.json and model.safetensors.")
     try:
         model_keys, state = import_hf(config.init_from, config.vocab_size)
-    except (OSError, ValueError, KeyError, SafetensorError) as e:  # ValueError: config.json is not JSON
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:  # not JSON, not a dict
         raise ConfigError(f"init_from '{config.init_from}' is not a GPT-2 folder that can be read ({type(e).__name__}: "
                           f"{e}): give a folder written by scripts/export_hf.py or transformers.") from None
     differ = mismatched_keys(model_keys, config)

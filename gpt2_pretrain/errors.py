@@ -88,6 +88,9 @@ def reported_as_errors(*user_errors, out_dir="out"):
         yield
     except user_errors as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler is in place (start-up), or a second one
+        fail("interrupted by Ctrl-C before a checkpoint could be written: the checkpoints already in out_dir are "
+             "kept; run the command again to continue from them (--resume=auto).")
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
