@@ -117,6 +117,8 @@ class Checkpointer:
             self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
             self.last_saved = (self.start_step, path)
             self.start_path = path
+            if self.info.is_master:
+                self._known_usable(path)  # checked by try_load just now: pruning need not read it again
             print0(f"resumed from {path} at step {self.start_step}")
             if self.start_step >= self.config.max_steps:
                 print0(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
