@@ -207,7 +207,9 @@ def test_no_usable_checkpoint_stops_the_run_and_keeps_every_file(token_dir, tmp_
     with pytest.raises(SystemExit) as exit_info:
         run(token_dir, out, "--checkpoint_interval=2", "--keep_last=1", "--max_steps=6")
     assert exit_info.value.code == 2
-    error = capsys.readouterr().err
+    printed = capsys.readouterr()
+    error = printed.err
+    assert "falling back" not in printed.out  # there is nothing to fall back to
     assert error.count("\n") == 1 and "holds checkpoints but none is usable (ckpt_000004.pt: " in error
     assert "--resume=PATH" in error and "--resume=never" in error
     assert snapshot(out) == before  # metrics.jsonl untouched too

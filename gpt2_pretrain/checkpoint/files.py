@@ -80,10 +80,12 @@ def latest_valid(out_dir, warn=print, advice="give one checkpoint that is usable
     for _, path in found:
         checkpoint, problem = try_load(path)
         if checkpoint is not None:
+            for skipped, why in problems:
+                warn(f"warning: checkpoint {skipped} is unusable ({why}); falling back to the previous one")
             return path, checkpoint
-        problems.append(f"{os.path.basename(path)}: {problem}")
-        warn(f"warning: checkpoint {path} is unusable ({problem}); falling back to the previous one")
+        problems.append((path, problem))
     if found:
+        problems = [f"{os.path.basename(path)}: {why}" for path, why in problems]
         raise ConfigError(f"{out_dir} holds checkpoints but none is usable ({'; '.join(problems)}): {advice}.")
     return None, None
 
