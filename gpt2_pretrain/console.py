@@ -6,6 +6,7 @@ terminal) never stops training: a line that cannot be printed is dropped, and th
 lines before the run's first metrics record wait in memory, so a run refused at start writes no file.
 """
 
+import contextlib
 import os
 import sys
 
@@ -21,19 +22,32 @@ def begin():
 
 
 def end():
-    if _copy["file"] is not None:
-        _copy["file"].close()
-        _copy["file"] = None
+    file, _copy["file"] = _copy["file"], None
+    if file is not None:
+        with contextlib.suppress(OSError):  # a full disk fails the last flush again
+            file.close()
 
 
 def copy_to(path):
     """From now on every line also goes to `path` (appended), the lines printed so far first."""
-    if _copy["file"] is not None:
+    if _copy["file"] is not None or _copy["waiting"] is None:  # copying already, or given up on a full disk
         return
-    _copy["file"] = open(path, "a")
-    _copy["file"].write("".join(_copy["waiting"]))
-    _copy["file"].flush()
-    _copy["waiting"] = []
+    waiting, _copy["waiting"] = _copy["waiting"], []
+    try:
+        _copy["file"] = open(path, "a")
+    except OSError:  # an out_dir that cannot take the file: the run goes on without the copy
+        _copy["waiting"] = None
+        return
+    _append("".join(waiting))
+
+
+def _append(text):
+    try:
+        _copy["file"].write(text)
+        _copy["file"].flush()
+    except OSError:  # a full disk: the copy stops, the run does not (metrics.jsonl keeps the numbers)
+        end()
+        _copy["waiting"] = None
 
 
 def _silence(stream):
@@ -48,9 +62,8 @@ def _silence(stream):
 def write(text, stream=None):
     """Print `text` to `stream` (stdout), or drop it when nobody reads it any more; copy it either way."""
     if _copy["file"] is not None:
-        _copy["file"].write(text)
-        _copy["file"].flush()
-    elif len(_copy["waiting"]) < MAX_WAITING_LINES:
+        _append(text)
+    elif _copy["waiting"] is not None and len(_copy["waiting"]) < MAX_WAITING_LINES:
         _copy["waiting"].append(text)
     stream = stream or sys.stdout
     try:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from scripts import sample
 from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints, try_load
@@ -228,6 +229,9 @@ def test_changed_bytes_make_a_checkpoint_unusable(token_dir, tmp_path, capsys):
     zero_inside_a_tensor(latest)
     checkpoint, problem = try_load(latest)
     assert checkpoint is None and "does not match its checksum" in problem
+    with pytest.raises(SystemExit):  # sample.py, eval.py and export_hf.py load through try_load too
+        sample.main([latest, "--tokens=1"])
+    assert f"checkpoint {latest} is unusable (its content does not match its checksum" in capsys.readouterr().err
     damaged = snapshot(out)["ckpt_000004.pt"]
     capsys.readouterr()
     run(token_dir, out, "--checkpoint_interval=2", "--keep_last=0", "--keep_best=false")

@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
+import train
 from tests.conftest import DELAY, RESUME_ARGS, ROOT, finish, read_metrics, start, tiny_args, wait_for
-
-pytestmark = pytest.mark.slow  # every test here runs training in a process and closes its pipe or signals it
 
 
 def command(out_dir, token_dir):
@@ -29,6 +28,7 @@ def console_log(out_dir):
         return f.read()
 
 
+@pytest.mark.slow  # runs training in a process and closes its pipe
 def test_a_closed_stdout_never_stops_the_run(token_dir, tmp_path):
     # `train.py ... | head -n 2`: the reader takes two lines and goes
     out = str(tmp_path / "run")
@@ -41,6 +41,7 @@ def test_a_closed_stdout_never_stops_the_run(token_dir, tmp_path):
     assert first_lines[0] in printed and "run finished at step 8/8" in printed
 
 
+@pytest.mark.slow  # runs training in a process and signals it
 def test_ctrl_c_under_tee_checkpoints_like_without_the_pipe(token_dir, tmp_path):
     # the terminal sends SIGINT to the whole pipeline: tee ends at once, train.py finishes its step
     out = str(tmp_path / "run")
@@ -65,6 +66,7 @@ def test_ctrl_c_under_tee_checkpoints_like_without_the_pipe(token_dir, tmp_path)
     assert f"run stopped by SIGINT at step {stopped_at}/8" in printed
 
 
+@pytest.mark.slow  # runs training in a process and signals it
 def test_sighup_stops_like_sigterm(token_dir, tmp_path):
     out = str(tmp_path / "run")
     run = start(command(out, token_dir), env=DELAY)
@@ -75,3 +77,12 @@ def test_sighup_stops_like_sigterm(token_dir, tmp_path):
     stopped_at = int(output.split("stopped by SIGHUP at step ")[1].split(";")[0])
     assert torch.load(os.path.join(out, f"ckpt_{stopped_at:06d}.pt"), weights_only=True)["step"] == stopped_at
     assert f"run stopped by SIGHUP at step {stopped_at}/8" in console_log(out)
+
+
+def test_a_console_log_on_a_full_disk_never_stops_the_run(token_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    os.symlink("/dev/full", os.path.join(out, "console.log"))  # every write fails with ENOSPC
+    train.main(tiny_args(token_dir, out, "--max_steps=2"))
+    assert "run finished at step 2/2" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == [0, 1]
