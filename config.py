@@ -35,7 +35,7 @@ class TrainConfig:
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
     dropout: float = 0.0  # dropout probability (0 for pretraining)
     tie_embeddings: bool = True  # share the token embedding with lm_head, as GPT-2 does
-    init_from: str = ""  # start from a local GPT-2 folder (config.json + model.safetensors) instead of scratch
+    init_from: str = ""  # start from a GPT-2 folder (config.json + model.safetensors) or a checkpoint's weights
     # data
     data_dir: str = "data/fineweb10B"  # folder of uint16 .npy shards and manifest.json (data/prepare.py)
     shuffle: bool = True  # visit shards and windows in an order shuffled from the seed each epoch
@@ -73,8 +73,8 @@ class TrainConfig:
     wandb_run_name: str = ""  # W&B run name (empty: W&B picks one)
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: look up the GPU's dense bf16 peak)
     # checkpoints
-    checkpoint_interval: int = 500  # steps between checkpoints; one is also written at the end and on SIGTERM/SIGINT
-    stop_check_interval: int = 10  # steps between the ranks' checks for SIGTERM/SIGINT under torchrun (a collective)
+    checkpoint_interval: int = 500  # steps between checkpoints; one also at the end and on SIGTERM/SIGINT/SIGHUP
+    stop_check_interval: int = 10  # steps between the ranks' checks for a stop signal under torchrun (a collective)
     keep_last: int = 2  # ckpt_STEP.pt files kept in out_dir (0 keeps all), besides the best-val one
     keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
     resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint
@@ -190,7 +190,7 @@ def read_config_file(path):
                           f"of `key = value` lines.") from None
     try:
         exec(compile(source, path, "exec"), namespace)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # SystemExit: a file that calls sys.exit() or exit()
         raise ConfigError(f"config file '{path}' could not be read: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not inspect.ismodule(v)}
 
@@ -200,6 +200,11 @@ def load_config(argv):
 
     Flags win wherever they stand: `--max_steps=10 configs/shakespeare.py` runs 10 steps."""
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for flag, following in zip(argv, argv[1:]):  # `--max_steps 100`: the 100 would be read as a config file
+        key = flag[2:].replace("-", "_")
+        if flag.startswith("--") and "=" not in flag and types.get(key) not in (None, bool) and \
+                not following.startswith("-") and not os.path.isfile(following):
+            raise ConfigError(f"'{flag} {following}': flags take --key=value, with no space: write {flag}={following}.")
     files = [arg for arg in argv if not arg.startswith("-")]
     flags = [arg for arg in argv if arg.startswith("-")]
     values = {}
@@ -238,7 +243,7 @@ def check_config(config):
     if config.eval_iters < -1:
         raise ConfigError(f"config key 'eval_iters' must be -1 (all of val), 0 (no evaluation) or positive; "
                           f"got {config.eval_iters}.")
-    for key in ("warmup_steps", "keep_last", "sample_tokens"):
+    for key in ("warmup_steps", "keep_last", "sample_tokens", "seed"):
         if getattr(config, key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative; got {getattr(config, key)}.")
     for key in ("dropout", "beta1", "beta2"):
@@ -248,6 +253,9 @@ def check_config(config):
                 "unembedding_lr"):
         if not 0 <= getattr(config, key) < float("inf"):
             raise ConfigError(f"config key '{key}' must be a finite number >= 0; got {getattr(config, key)}.")
+    if config.learning_rate == 0:  # the schedule scales each group's lr by lr / learning_rate
+        raise ConfigError("config key 'learning_rate' must be positive; got 0.0. The other lrs (min_lr, and "
+                          "Muon's matrix_lr ...) follow its schedule.")
     if config.peak_flops < 0:
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if config.min_lr > config.learning_rate:

@@ -20,13 +20,14 @@ from configure_optimizers import (configure_adamw, configure_muon, get_lr, lr_ju
                                   set_muon_momentum)
 from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
+from gpt2_pretrain import console
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
-from gpt2_pretrain.checkpoint.files import list_checkpoints
+from gpt2_pretrain.checkpoint.files import init_weights, list_checkpoints
 from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, end_of_run, print0,
                                        seed_rank_streams, setup_distributed)
 from gpt2_pretrain.dry_run import dry_run_report
-from gpt2_pretrain.errors import check_shared_out_dir, fail, hold_out_dir, reported_as_errors
+from gpt2_pretrain.errors import check_ranks_agree, check_shared_out_dir, fail, hold_out_dir, reported_as_errors
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token
 from gpt2_pretrain.guards import NonFiniteError, NonFiniteGuard, StopSignal, apply_update
 from gpt2_pretrain.hellaswag import HellaSwagError, evaluate_hellaswag, load_hellaswag
@@ -105,13 +106,17 @@ def train_step(model, optimizers, next_batch, grad_accum_steps, step, config, in
 
 
 def load_gpt2_folder(model, config):
-    """Start from a local GPT-2 folder (e.g. written by scripts/export_hf.py or a transformers save)."""
+    """Start from a local GPT-2 folder (e.g. written by scripts/export_hf.py or a transformers save), or from
+    the weights of one of our checkpoints (a .pt file or .dcp folder)."""
+    if os.path.isfile(config.init_from) or os.path.isfile(os.path.join(config.init_from, ".metadata")):
+        model.load_state_dict(init_weights(config.init_from, config))
+        return
     if not os.path.isfile(os.path.join(config.init_from, "model.safetensors")):
         raise ConfigError(f"init_from '{config.init_from}' has no model.safetensors: give a GPT-2 folder "
                           f"with config.json and model.safetensors.")
     try:
         model_keys, state = import_hf(config.init_from, config.vocab_size)
-    except (OSError, ValueError, KeyError, SafetensorError) as e:  # ValueError: config.json is not JSON
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:  # not JSON, not a dict
         raise ConfigError(f"init_from '{config.init_from}' is not a GPT-2 folder that can be read ({type(e).__name__}: "
                           f"{e}): give a folder written by scripts/export_hf.py or transformers.") from None
     differ = mismatched_keys(model_keys, config)
@@ -163,6 +168,7 @@ def generate_sample(model, config, device, step):
 
 
 def train(config, info, argv=()):
+    console.begin()  # what this run prints goes to out_dir/console.log from its first metrics record
     grad_accum_steps = grad_accum_steps_for(config, info.world_size)
     device_type = info.device_type
     if device_type == "cuda":
@@ -177,6 +183,7 @@ def train(config, info, argv=()):
     if train_loader.hashed_bytes + val_loader.hashed_bytes:
         print0(f"checked the sha256 of {data_size(train_loader.hashed_bytes + val_loader.hashed_bytes)} of shards "
                f"against manifest.json in {time.time() - started:.1f}s (not again while they are unchanged)")
+    check_ranks_agree(config_to_dict(config), train_loader.manifest_shards)  # a difference: an error, not a hang
     hellaswag = hellaswag_examples(config, info)
 
     # model: the same initial weights on every rank
@@ -210,7 +217,7 @@ def train(config, info, argv=()):
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
-    stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT: finish the step, checkpoint, exit 0
+    stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint, exit 0
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
     window_start, step, stopping = None, start_step, False
@@ -271,6 +278,8 @@ def train(config, info, argv=()):
                             can_sample=config.sample_tokens > 0,
                             this_process=this_process if checkpoints.run_seconds else None):
         print0(line)
+    if checkpoints.timeline_note:
+        print0(f"  {checkpoints.timeline_note}")  # a rollback: where the older timeline's files went
     logger.finish()
     return raw_model
 

@@ -8,6 +8,7 @@ size and the micro-batch size. The position in the stream is the whole state. At
 checked against manifest.json: present, of its token count, and of its sha256 (hashed once per change).
 """
 
+import hashlib
 import json
 import os
 import shlex
@@ -82,11 +83,20 @@ def read_manifest(data_dir):
     except ValueError as e:  # not JSON, or not UTF-8
         raise DataError(f"'{path}' cannot be read as JSON ({e}): it is damaged; re-run data/prepare.py.") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "tokens", "split"} <= s.keys()
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "tokens", "split"} <= s.keys() and
+                                               isinstance(s["name"], str) and type(s["tokens"]) is int
                                                for s in shards) or manifest.get("dtype", "uint16") != "uint16":
         raise DataError(f"'{path}' is not a manifest that data/prepare.py writes (a list of uint16 shards, "
                         f"each with name, tokens and split): prepare this data with data/prepare.py.")
     return manifest
+
+
+def manifest_digest(manifest):
+    """sha256 (hex) of what a manifest says the data is: each shard's name, split, token count and sha256, and
+    the tokenizer. The same data prepared again, or moved to another folder, has the same digest."""
+    shards = sorted(([s["split"], s["name"], s["tokens"], s.get("sha256")] for s in manifest["shards"]), key=repr)
+    identity = {"tokenizer": manifest.get("tokenizer"), "dtype": manifest.get("dtype", "uint16"), "shards": shards}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def split_shards(manifest, data_dir, split):
@@ -168,7 +178,10 @@ def verify_hashes(data_dir, shards):
 class DataLoader:
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, seed=1337,
                  shuffle=True, device="cpu", vocab_size=None):
-        shards = split_shards(read_manifest(data_dir), data_dir, split)
+        manifest = read_manifest(data_dir)
+        self.manifest_digest = manifest_digest(manifest)  # the data's identity, kept in checkpoints
+        self.manifest_shards = {s["name"]: s for s in manifest["shards"]}  # what the ranks compare before step 0
+        shards = split_shards(manifest, data_dir, split)
         self.tokens = [open_shard(data_dir, s) for s in shards]
         self.paths = [os.path.join(data_dir, s["name"]) for s in shards]
         self.stamps = [shard_stamp(path) for path in self.paths]  # before hashing: a later change is seen

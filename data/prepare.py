@@ -16,6 +16,7 @@ identical whatever --workers, and a killed run re-run with the same arguments sk
 
 import argparse
 import bisect
+import fcntl
 import itertools
 import json
 import multiprocessing
@@ -46,6 +47,14 @@ EOT_ARRAY = np.array([EOT_TOKEN], dtype=np.uint32)
 
 class PrepareError(Exception):
     """A problem with the source or output the user can fix."""
+
+
+class NotText(Exception):
+    """Document `index` (from 0, over the whole source) holds `value`, which is not a string."""
+
+    def __init__(self, index, value):
+        super().__init__(index, value)
+        self.index, self.value = index, value
 
 
 def local_files(source):
@@ -144,14 +153,20 @@ def document_batches(dataset, text_field="text", batch_size=256, skip=0):
     """
     if dataset.column_names and text_field in dataset.column_names:
         dataset = dataset.select_columns([text_field])
+    index = 0  # of the batch's first document in the source
     for batch in dataset.iter(batch_size=batch_size):
         if text_field not in batch:
             raise PrepareError(f"documents have no field '{text_field}' (fields: {sorted(batch)}); pass --text_field")
         texts = batch[text_field]
         if skip >= len(texts):
             skip -= len(texts)
+            index += len(texts)
             continue
+        for offset, text in enumerate(texts):
+            if text is not None and not isinstance(text, str):
+                raise NotText(index + offset, text)
         yield [text or "" for text in texts[skip:]]
+        index += len(texts)
         skip = 0
 
 
@@ -336,7 +351,9 @@ class ShardWriter:
             val = np.concatenate([tokens for _, _, tokens in sorted(self.val, key=lambda entry: entry[1])])
             shards = [dict(write_shard(self.out_dir, "val_000000.npy", val), split="val"), *shards]
         manifest = {"source": source, "name": name, "tokenizer": "gpt2", "dtype": "uint16", "options": self.options,
-                    "documents": {"train": self.train_documents, "val": len(self.val)}, "shards": shards}
+                    "documents": {"train": self.train_documents, "val": len(self.val),
+                                  "skipped": self.documents - self.train_documents - len(self.val)},  # empty ones
+                    "shards": shards}
         text = json.dumps(manifest, indent=2).encode()
         atomic_write(os.path.join(self.out_dir, "manifest.json"), lambda f: f.write(text))
         remove_own_files(self.out_dir, [STATE_FILE])
@@ -377,6 +394,129 @@ def check_finished(out_dir, options):
     remove_own_files(out_dir, [shard["name"] for shard in shards] + ["manifest.json", STATE_FILE])
 
 
+def locate_document(source, index):
+    """Where document `index` (from 0) of a local source is, as 'FILE line N' (.jsonl), 'FILE row N' (.parquet)
+    or FILE (.txt); for a Hugging Face dataset, its number."""
+    if not os.path.exists(source):
+        return f"{source}, document {index + 1}"
+    builder, files = local_files(source)
+    for path in files:
+        if builder == "text":
+            if index == 0:
+                return path
+            index -= 1
+        elif builder == "parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(path).metadata.num_rows
+            if index < rows:
+                return f"{path} row {index + 1}"
+            index -= rows
+        else:
+            with open(path, "rb") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        if index == 0:
+                            return f"{path} line {number}"
+                        index -= 1
+    return source
+
+
+def columns_of(path, builder):
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return set(pq.read_schema(path).names)
+    keys = set()
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                keys |= set(json.loads(line)) if line.strip() else set()
+            except (ValueError, TypeError):  # a broken line: its own error, elsewhere
+                pass
+    return keys
+
+
+def differing_columns(source):
+    """A message naming the first file of a local .jsonl/.parquet source whose columns differ from the first
+    file's, or None."""
+    if not os.path.exists(source):
+        return None
+    builder, files = local_files(source)
+    if builder == "text":
+        return None
+    first = columns_of(files[0], builder)
+    for path in files[1:]:
+        columns = columns_of(path, builder)
+        if columns != first:
+            return (f"{path} has other columns ({', '.join(sorted(columns))}) than {files[0]} "
+                    f"({', '.join(sorted(first))}): give files of one layout, or leave it out of --source.")
+    return None
+
+
+def not_text_message(where, text_field, value):
+    return (f"{where}: its '{text_field}' is a {type(value).__name__} ({str(value)[:40]!r}), not text: fix that "
+            f"document, or pass --text_field the field that holds the text.")
+
+
+def first_not_text(source, text_field):
+    """The message for the first document of a local .jsonl/.parquet source whose text is not a string, or None."""
+    if not os.path.exists(source):
+        return None
+    builder, files = local_files(source)
+    for path in files if builder in ("json", "parquet") else []:
+        if builder == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            if text_field in schema.names and not pa.types.is_string(schema.field(text_field).type):
+                return (f"{path}: its column '{text_field}' holds {schema.field(text_field).type}, not text: pass "
+                        f"--text_field the column that holds the text.")
+            continue
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except ValueError:  # not JSON: its own error
+                    continue
+                value = row.get(text_field) if isinstance(row, dict) else None
+                if value is not None and not isinstance(value, str):
+                    return not_text_message(f"{path} line {number}", text_field, value)
+    return None
+
+
+def not_utf8(source):
+    """'FILE line N holds text that is not UTF-8 (...)' for the first such file of a local source, or None."""
+    if not os.path.exists(source):
+        return None
+    for path in local_files(source)[1]:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            return f"{path} line {line} holds text that is not UTF-8 ({e.reason} at byte {e.start})"
+    return None
+
+
+def hold_out(out_dir):
+    """Lock --out for this run (a file descriptor to close at the end): a second prepare.py on it is refused.
+    flock, so the kernel drops the lock with its process, however it ends."""
+    fd = os.open(os.path.join(out_dir, ".prepare.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        raise PrepareError(f"--out {out_dir} is in use by another prepare.py run ({holder}): wait for it to end, or "
+                           f"give this run another --out.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}: {' '.join(sys.argv)}".encode())
+    return fd
+
+
 def prepare(source, out_dir, name=None, split="train", text_field="text", shard_size=100_000_000,
             val_tokens=10_000_000, val_fraction=0.1, seed=1337, workers=None, progress=True):
     try:
@@ -386,6 +526,18 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
         os.remove(probe)
     except OSError as e:
         raise PrepareError(f"cannot write to output folder {out_dir}: {e.strerror}. Choose a writable --out.") from None
+    lock = hold_out(out_dir)
+    try:
+        return prepare_locked(source, out_dir, name, split, text_field, shard_size, val_tokens, val_fraction, seed,
+                              workers, progress)
+    finally:
+        # removed while held: the folder keeps only data (a run that opens the old file in this instant is refused)
+        os.remove(os.path.join(out_dir, ".prepare.lock"))
+        os.close(lock)  # releases the lock
+
+
+def prepare_locked(source, out_dir, name, split, text_field, shard_size, val_tokens, val_fraction, seed, workers,
+                   progress):
     options = {"source": source, "name": name, "split": split, "text_field": text_field, "shard_size": shard_size,
                "val_tokens": val_tokens, "val_fraction": val_fraction, "seed": seed}
     writer = ShardWriter(out_dir, options)
@@ -417,10 +569,19 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
                 bar.update(len(lengths))
                 rate = tokens_done / max(time.time() - started, 1e-9)
                 bar.set_postfix(tokens=f"{tokens_done:,}", tok_per_s=f"{rate:,.0f}", refresh=False)
+    except NotText as e:
+        raise PrepareError(not_text_message(locate_document(source, e.index), text_field, e.value)) from None
     except UnicodeDecodeError as e:
-        raise PrepareError(f"{source} holds text that is not UTF-8 ({e.reason} at byte {e.start}): convert it "
-                           f"(iconv -f latin1 -t utf-8 FILE) or leave binary files out of --source.") from None
-    except ValueError as e:  # pyarrow's ArrowInvalid: a .jsonl line that is not JSON, a .parquet that is not parquet
+        where = not_utf8(source) or f"{source} holds text that is not UTF-8 ({e.reason} at byte {e.start})"
+        raise PrepareError(f"{where}: convert it (iconv -f latin1 -t utf-8 FILE) or leave binary files out of "
+                           f"--source.") from None
+    except Exception as e:
+        # datasets and pyarrow word a local file they cannot use in many ways (CastError: files whose columns
+        # differ; ArrowInvalid or pandas' ValueError: a text that is a number, a line that is not JSON): look
+        # for the file at fault, and keep the traceback when there is none
+        problem = differing_columns(source) or first_not_text(source, text_field)
+        if problem:
+            raise PrepareError(problem) from None
         if type(e).__name__ != "ArrowInvalid":
             raise
         raise PrepareError(f"{source} cannot be read: {str(e).splitlines()[0]}. Fix or remove that file.") from None
@@ -434,10 +595,18 @@ def prepare(source, out_dir, name=None, split="train", text_field="text", shard_
 
 def verify(out_dir):
     """Check every shard in the manifest exists with its token count and sha256; return the problems."""
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        manifest = json.load(f)
+    path = os.path.join(out_dir, "manifest.json")
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read())
+        shards = manifest["shards"]
+        if not all(isinstance(s["name"], str) and isinstance(s["sha256"], str) for s in shards):
+            raise TypeError("a shard's name or sha256 is not a string")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a list or number where a dict belongs
+        raise PrepareError(f"{path} is not a manifest that prepare.py writes ({type(e).__name__}: {e}): prepare the "
+                           f"data again.") from None
     problems = []
-    for shard in manifest["shards"]:
+    for shard in shards:
         path = os.path.join(out_dir, shard["name"])
         if not os.path.isfile(path):
             problems.append(f"{path}: missing")
@@ -477,6 +646,10 @@ def main(argv=None):
         if args.shard_size < 1 or args.val_tokens < 0 or not 0 <= args.val_fraction <= 1:
             raise PrepareError("--shard_size must be positive, --val_tokens not negative and --val_fraction "
                                "between 0 and 1")
+        if args.val_fraction == 0 or int(args.val_tokens) == 0:
+            raise PrepareError(f"--val_fraction {args.val_fraction:g} --val_tokens {int(args.val_tokens)} writes no "
+                               f"val split, and train.py reads one (its val loss): keep a small one, e.g. "
+                               f"--val_fraction 0.01 --val_tokens 100000.")
         manifest = prepare(args.source, args.out, args.name, args.split, args.text_field, int(args.shard_size),
                            int(args.val_tokens), args.val_fraction, args.seed, args.workers or None)
     except PrepareError as e:
@@ -495,6 +668,8 @@ def split_summary(manifest, out_dir):
     parts = [f"{split} {tokens[split]:,} tokens ({tokens[split] / total:.1%}, "
              f"{manifest['documents'][split]:,} document{'s' * (manifest['documents'][split] != 1)})"
              for split in ("train", "val")]
+    skipped = manifest["documents"].get("skipped", 0)
+    parts += [f"{skipped:,} empty document{'s' * (skipped != 1)} skipped"] if skipped else []
     lines = [f"wrote {len(manifest['shards'])} shards to {out_dir}: {', '.join(parts)}"]
     if tokens["val"] > VAL_SHARE_WARNING * total:
         lines.append(f"warning: val holds {tokens['val'] / total:.0%} of the tokens, leaving "

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError
+from gpt2_pretrain import console
 from gpt2_pretrain.errors import check_device
 
 
@@ -44,20 +45,21 @@ def env_rank():
     return int(os.environ.get("RANK", "0"))
 
 
-def print0(*args, **kwargs):
-    """print on rank 0 only (a single process is rank 0), flushed: the one way the run talks to its user."""
+def print0(*args, sep=" ", end="\n", file=None, flush=True):
+    """print on rank 0 only (a single process is rank 0), flushed: the one way the run talks to its user. A
+    closed stdout drops the line; out_dir/console.log keeps it (console.py)."""
     if env_rank() == 0:
-        print(*args, **kwargs, flush=True)
+        console.write(sep.join(map(str, args)) + end, file)
 
 
 @contextlib.contextmanager
 def stop_signals_blocked():
-    """Block SIGTERM/SIGINT in this thread meanwhile: threads started inside inherit the block, so a signal
-    always lands in the main thread (where our handler runs), never in a communication thread mid-call."""
+    """Block SIGTERM/SIGINT/SIGHUP in this thread meanwhile: threads started inside inherit the block, so a
+    signal always lands in the main thread (where our handler runs), never in a communication thread mid-call."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         yield
     finally:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError
+from gpt2_pretrain import console
 
 # how long a failing rank waits for rank 0's error before deciding that rank 0 does not share it: ranks
 # that hit the same mistake reach it within moments of each other
@@ -52,7 +53,7 @@ def _line_under_torchrun(message, rank, world_size, consequence):
         if consequence and any(store.check([f"{key}{r}"]) for r in range(world_size) if r != rank):
             return None
         if rank == 0:
-            print(f"error: {message}", file=sys.stderr, flush=True)  # before the key: the others exit after it
+            console.write(f"error: {message}\n", sys.stderr)  # before the key: the others exit after it
             with contextlib.suppress(Exception):
                 store.set(f"{key}0", message)
             return None
@@ -71,7 +72,7 @@ def fail(message, consequence=False):
     if world_size > 1:
         message = _line_under_torchrun(message, int(os.environ.get("RANK", "0")), world_size, consequence)
     if message is not None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        console.write(f"error: {message}\n", sys.stderr)  # a closed stderr drops it; console.log keeps it
     raise SystemExit(2)
 
 
@@ -87,6 +88,9 @@ def reported_as_errors(*user_errors, out_dir="out"):
         yield
     except user_errors as e:
         fail(e)
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler is in place (start-up), or a second one
+        fail("interrupted by Ctrl-C before a checkpoint could be written: the checkpoints already in out_dir are "
+             "kept; run the command again to continue from them (--resume=auto).")
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise
@@ -205,6 +209,30 @@ def check_shared_out_dir(out_dir, parallel):
                           f"{ranks} cannot see rank 0's {out_dir} (a file rank 0 wrote there is missing): put "
                           f"out_dir on a filesystem every node sees (NFS, Lustre, ...), or use --parallel=ddp, whose "
                           f".pt checkpoints only rank 0 writes and reads.")
+
+
+def check_ranks_agree(config, shards):
+    """Before the first step every rank sends its resolved config (a dict) and its data manifest's shards
+    ({name: entry}) to the others; a difference from rank 0 stops every rank with the same ConfigError,
+    naming the ranks and the keys or shards, instead of a hang in the first collective that they disagree on."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (config, shards))
+    (config0, shards0), differences = gathered[0], []
+    for rank, (config_r, shards_r) in enumerate(gathered[1:], 1):
+        keys = sorted(k for k in config0.keys() | config_r.keys() if config0.get(k) != config_r.get(k))
+        names = sorted(n for n in shards0.keys() | shards_r.keys() if shards0.get(n) != shards_r.get(n))
+        if keys:
+            differences.append(f"rank {rank} has " + ", ".join(f"{k}={config_r.get(k)!r} (rank 0: {config0.get(k)!r})"
+                                                                 for k in keys[:8]))
+        if names:
+            listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            differences.append(f"rank {rank}'s data_dir differs from rank 0's in shards {listed}")
+    if differences:
+        shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
+        raise ConfigError(f"the ranks disagree before the first step: {shown}. Start every rank with the same "
+                          f"command, config files and flags, and the same data (compare manifest.json).")
 
 
 def tensor_bytes(obj):

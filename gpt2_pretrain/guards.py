@@ -1,4 +1,4 @@
-"""Guards of the training loop: stop cleanly on SIGTERM/SIGINT, skip updates with a NaN/inf loss or gradient.
+"""Guards of the training loop: stop cleanly on SIGTERM/SIGINT/SIGHUP, skip updates with a NaN/inf loss or gradient.
 
 A NaN/inf step skips its update: torch's fused AdamW skips inside its kernel (its found_inf input, as the
 AMP grad scaler uses it), with no host sync; any other optimizer (Muon) reads the finite flag on the host
@@ -30,8 +30,10 @@ class NonFiniteError(Exception):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT only set a flag; every `every` steps the ranks agree on it (max over ranks), so all stop
-    at the same step without a collective each step. One process reads its flag every step."""
+    """SIGTERM/SIGINT/SIGHUP only set a flag; every `every` steps the ranks agree on it (max over ranks), so all
+    stop at the same step without a collective each step. One process reads its flag every step. SIGHUP (the
+    terminal closed, an ssh session lost) is a stop like SIGTERM: the run checkpoints, and its console output
+    goes on into out_dir/console.log."""
 
     def __init__(self, info, every=1):
         self.info = info
@@ -42,9 +44,9 @@ class StopSignal:
         # the flag travels over gloo on the CPU: agreeing on it never waits for the GPU's queue to drain
         self.group = None
         if info.ddp and info.device_type == "cuda":
-            with stop_signals_blocked():  # gloo's threads keep SIGTERM/SIGINT blocked, like the main group's
+            with stop_signals_blocked():  # gloo's threads keep the stop signals blocked, like the main group's
                 self.group = dist.new_group(backend="gloo")
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             try:
                 self.previous[signum] = signal.signal(signum, self._handle)
             except ValueError:

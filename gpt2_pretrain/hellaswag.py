@@ -68,11 +68,16 @@ def load_hellaswag(path, url=HELLASWAG_URL):
 
 def load_examples(path):
     examples = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
-                example = json.loads(line)
-                if not {"ctx", "endings", "label"} <= set(example) or len(example["endings"]) != 4:
+                try:
+                    example = json.loads(line)
+                except ValueError as e:  # not JSON, or not UTF-8
+                    raise HellaSwagError(f"{path} line {number} is not JSON ({e}): give the official "
+                                         f"hellaswag_val.jsonl, one JSON example a line.") from None
+                if not isinstance(example, dict) or not {"ctx", "endings", "label"} <= set(example) or \
+                        len(example["endings"]) != 4:
                     raise HellaSwagError(f"{path} line {number}: expected keys ctx, endings (4) and label.")
                 examples.append(example)
     return examples

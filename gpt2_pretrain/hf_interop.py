@@ -17,6 +17,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from config import ConfigError
 from data.tokenizer import EOT_TOKEN, hf_vocab_and_merges
 from gpt2_pretrain.atomic import atomic_path, atomic_write
 from model import GPT2_VOCAB_SIZE
@@ -102,6 +103,10 @@ def import_hf(folder, vocab_size=50304):
         if name.endswith(TRANSPOSED):
             tensor = tensor.t()
         if name in ("transformer.wte.weight", "lm_head.weight"):
+            if tensor.size(0) > vocab_size:
+                raise ConfigError(f"init_from '{folder}' has a vocabulary of {tensor.size(0)} tokens, more than "
+                                  f"--vocab_size={vocab_size}: raise vocab_size to at least {tensor.size(0)} (50304 "
+                                  f"for GPT-2).")
             padded = tensor.mean(dim=0, keepdim=True).repeat(vocab_size, 1)
             padded[: tensor.size(0)] = tensor
             tensor = padded

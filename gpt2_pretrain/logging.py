@@ -15,6 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 from config import ConfigError
+from gpt2_pretrain import console
 from gpt2_pretrain.checkpoint.files import list_checkpoints
 from gpt2_pretrain.distributed import print0
 from gpt2_pretrain.flops import format_mfu
@@ -186,6 +187,7 @@ class Logger:
         if "loss" in metrics:
             print0(format_line(metrics, self.max_steps))
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        console.copy_to(os.path.join(os.path.dirname(self.metrics_path), "console.log"))  # the run has begun
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -201,6 +203,7 @@ class Logger:
             self.wandb.log({"samples": wandb.Table(columns=["step", "text"], data=[[step, text]])}, step=step)
 
     def finish(self):
+        console.end()
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None

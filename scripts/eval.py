@@ -13,24 +13,32 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from safetensors import SafetensorError  # noqa: E402
+
 from config import ConfigError  # noqa: E402
 from data.tokenizer import encode  # noqa: E402
-from gpt2_pretrain.checkpoint.files import model_weights, try_load  # noqa: E402
+from gpt2_pretrain.checkpoint.files import list_checkpoints, model_weights  # noqa: E402
 from gpt2_pretrain.distributed import setup_distributed, teardown_distributed  # noqa: E402
 from gpt2_pretrain.hellaswag import HELLASWAG_URL, HellaSwagError, evaluate_hellaswag, load_hellaswag  # noqa: E402
 from gpt2_pretrain.hf_interop import import_hf  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from scripts.sample import find_checkpoint  # noqa: E402
 from train import autocast_context  # noqa: E402
 
 
 def load_model(path):
-    """A GPT from one of our checkpoints or from a GPT-2 folder (config.json + model.safetensors)."""
-    if os.path.isdir(path) and not path.rstrip("/").endswith(".dcp"):
-        keys, state = import_hf(path)
+    """A GPT from one of our checkpoints (a file, a .dcp folder, or a run's out_dir: its newest usable one) or
+    from a GPT-2 folder (config.json + model.safetensors)."""
+    # an out_dir holds a config.json too, beside its checkpoints
+    gpt2_folder = os.path.isfile(os.path.join(path, "config.json")) and not list_checkpoints(path)
+    if gpt2_folder or os.path.isfile(os.path.join(path, "model.safetensors")):
+        try:
+            keys, state = import_hf(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+            raise ConfigError(f"{path} is not a GPT-2 folder that can be read ({type(e).__name__}: {e}): give a "
+                              f"folder written by scripts/export_hf.py or transformers, or a checkpoint.") from None
     else:
-        checkpoint, problem = try_load(path, required=("model", "config"))
-        if checkpoint is None:
-            raise ConfigError(f"checkpoint {path} is unusable ({problem})")
+        path, checkpoint = find_checkpoint(path, required=("model", "config"))
         keys, state = checkpoint["config"], model_weights(path, checkpoint)
     fields = GPTConfig.__dataclass_fields__
     config = GPTConfig(**{k: v for k, v in keys.items() if k in fields})
@@ -43,7 +51,8 @@ def load_model(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a checkpoint file written by train.py, or a GPT-2 folder")
+    parser.add_argument("model", help="a checkpoint file or .dcp folder written by train.py, a run's out_dir (its "
+                                      "newest usable checkpoint), or a GPT-2 folder")
     parser.add_argument("--hellaswag_path", default="data/hellaswag/hellaswag_val.jsonl")
     parser.add_argument("--hellaswag_url", default=HELLASWAG_URL, help="where to download it from when missing")
     parser.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")

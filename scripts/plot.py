@@ -90,9 +90,13 @@ def plot_runs(paths, out):
         else:
             axis.text(0.5, 0.5, "n/a", ha="center", va="center", transform=axis.transAxes)
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        figure.savefig(out, dpi=100)
+    except OSError as e:
+        refuse(f"cannot write --out {out}: {e.strerror or e}. Choose a file in a folder you can write to.")
+    finally:
+        plt.close(figure)
     return out
 
 

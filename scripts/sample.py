@@ -7,6 +7,7 @@
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -66,6 +67,13 @@ def load_model(path, device):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    bad = [f"--{name}={value}" for name, value, fine in (
+        ("top_k", args.top_k, args.top_k >= 0), ("num_samples", args.num_samples, args.num_samples >= 1),
+        ("tokens", args.tokens, args.tokens >= 0), ("temperature", args.temperature, 0 <= args.temperature < math.inf))
+        if not fine]
+    if bad:
+        fail(f"{', '.join(bad)} is out of range: --top_k >= 0 (0: all tokens), --num_samples >= 1, --tokens >= 0 "
+             f"and --temperature a finite number >= 0 (0: greedy).")
     try:
         args.device = check_device(args.device)
     except ConfigError as e:

@@ -2,17 +2,20 @@
 
 import math
 import os
+import struct
+import zipfile
 
 import pytest
 import torch
 
 import train
+from scripts import sample
 from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
-from gpt2_pretrain.checkpoint.files import list_checkpoints
+from gpt2_pretrain.checkpoint.files import list_checkpoints, try_load
 from gpt2_pretrain.distributed import DistInfo
 from model import GPT, GPTConfig
-from tests.conftest import FULL_VOCAB, read_metrics, run_python, tiny_args
+from tests.conftest import FULL_VOCAB, make_token_shards, read_metrics, run_python, tiny_args
 
 
 def run(token_dir, out, *extra):
@@ -99,7 +102,8 @@ def test_keep_last_prunes_old_checkpoints_and_keeps_the_best(token_dir, tmp_path
     val = {m["step"]: m["val_loss"] for m in read_metrics(out) if "val_loss" in m}
     best_step = min((s for s in val if s > 0), key=val.get)
     assert best_step == 6 and val[6] < val[3] < val[0] and min(val[9], val[12]) > val[6]
-    assert files(out) == sorted(["ckpt_000011.pt", "ckpt_000012.pt", f"best_{best_step:06d}.pt"])
+    # ckpt_000006.pt too: the second run started from it, and a run never prunes its own starting point
+    assert files(out) == sorted(["ckpt_000006.pt", "ckpt_000011.pt", "ckpt_000012.pt", f"best_{best_step:06d}.pt"])
     best = torch.load(os.path.join(out, f"best_{best_step:06d}.pt"), weights_only=True)
     # like every checkpoint at step s, it holds the state before step s's evaluation
     assert best["step"] == best_step and best["best_val_loss"] == min(val[s] for s in val if 0 < s < best_step)
@@ -194,3 +198,119 @@ def test_a_best_checkpoint_that_could_not_be_written_is_not_the_best(tmp_path, m
     checkpoints.update_best(4, 1.5, counters)
     assert checkpoints.best_val_loss == 1.5 and os.listdir(config.out_dir) == ["best_000004.pt"]
     assert torch.load(os.path.join(config.out_dir, "best_000004.pt"), weights_only=True)["best_val_loss"] == 1.5
+
+
+def snapshot(out_dir):
+    """{relative path: bytes} of every file under out_dir but the lock, which names the last run."""
+    found = {}
+    for folder, _, names in os.walk(out_dir):
+        for name in set(names) - {".lock"}:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.relpath(os.path.join(folder, name), out_dir)] = f.read()
+    return found
+
+
+def zero_middle(path, size=4096):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(size))
+
+
+def zero_inside_a_tensor(path, size=4096):
+    """Zero bytes in the middle of the largest tensor's data: the zip and the pickle stay readable."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((e for e in archive.infolist() if "/data/" in e.filename), key=lambda e: e.file_size)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(entry.header_offset + 30 + name_length + extra_length + (entry.file_size - size) // 2)
+        f.write(bytes(size))
+
+
+def test_no_usable_checkpoint_stops_the_run_and_keeps_every_file(token_dir, tmp_path, capsys):
+    # the old code started over at step 0 here and pruned the damaged checkpoint away
+    out = run(token_dir, tmp_path / "run", "--checkpoint_interval=2", "--keep_last=1")
+    assert files(out) == ["best_000004.pt", "ckpt_000004.pt"]  # one file: best_ is a hard link
+    with open(os.path.join(out, "ckpt_000004.pt"), "r+b") as f:
+        f.truncate(1000)
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(token_dir, out, "--checkpoint_interval=2", "--keep_last=1", "--max_steps=6")
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    error = printed.err
+    assert "falling back" not in printed.out  # there is nothing to fall back to
+    assert error.count("\n") == 1 and "holds checkpoints but none is usable (ckpt_000004.pt: " in error
+    assert "--resume=PATH" in error and "--resume=never" in error
+    assert snapshot(out) == before  # metrics.jsonl untouched too
+    # starting over on purpose keeps the damaged files, set aside
+    run(token_dir, out, "--checkpoint_interval=2", "--keep_last=1", "--resume=never")
+    (aside,) = os.listdir(os.path.join(out, "set_aside"))
+    kept = snapshot(os.path.join(out, "set_aside", aside))
+    assert kept["ckpt_000004.pt"] == before["ckpt_000004.pt"] and kept["metrics.jsonl"] == before["metrics.jsonl"]
+
+
+def test_changed_bytes_make_a_checkpoint_unusable(token_dir, tmp_path, capsys):
+    # the old code loaded a checkpoint with 4 KB zeroed in the middle (inside a tensor) without noticing
+    out = run(token_dir, tmp_path / "run", "--checkpoint_interval=2", "--keep_last=0", "--keep_best=false")
+    reference = losses(out)
+    latest = os.path.join(out, "ckpt_000004.pt")
+    zero_inside_a_tensor(latest)
+    checkpoint, problem = try_load(latest)
+    assert checkpoint is None and "does not match its checksum" in problem
+    with pytest.raises(SystemExit):  # sample.py, eval.py and export_hf.py load through try_load too
+        sample.main([latest, "--tokens=1"])
+    assert f"checkpoint {latest} is unusable (its content does not match its checksum" in capsys.readouterr().err
+    damaged = snapshot(out)["ckpt_000004.pt"]
+    capsys.readouterr()
+    run(token_dir, out, "--checkpoint_interval=2", "--keep_last=0", "--keep_best=false")
+    printed = capsys.readouterr().out
+    assert "ckpt_000004.pt is unusable (its content does not match its checksum" in printed
+    assert f"resumed from {os.path.join(out, 'ckpt_000002.pt')} at step 2" in printed
+    assert losses(out) == reference
+    (aside,) = os.listdir(os.path.join(out, "set_aside"))  # the damaged file is kept, out of the way
+    assert snapshot(os.path.join(out, "set_aside", aside))["ckpt_000004.pt"] == damaged
+    assert try_load(latest)[0]["step"] == 4  # written anew
+
+
+def test_pruning_counts_only_usable_checkpoints_and_spares_the_start(token_dir, tmp_path):
+    common = ["--checkpoint_interval=2", "--keep_last=1", "--keep_best=false"]
+    out = run(token_dir, tmp_path / "run", "--keep_last=0", "--checkpoint_interval=2", "--keep_best=false")
+    zero_middle(os.path.join(out, "ckpt_000002.pt"))
+    run(token_dir, out, *common, "--max_steps=8")
+    # ckpt_000002 is broken: neither counted nor deleted; ckpt_000004 is where the run started
+    assert files(out) == ["ckpt_000002.pt", "ckpt_000004.pt", "ckpt_000008.pt"]
+
+
+def test_a_sharded_checkpoint_checks_each_of_its_files(token_dir, tmp_path):
+    out = run(token_dir, tmp_path / "run", "--parallel=fsdp", "--max_steps=2", "--keep_best=false")
+    path = os.path.join(out, "ckpt_000002.dcp")
+    assert try_load(path)[1] is None
+    shard = next(n for n in os.listdir(path) if n.endswith(".distcp"))
+    zero_middle(os.path.join(path, shard), size=64)  # the shard file stays readable by DCP
+    assert try_load(path)[1] == f"its file {shard} does not match its checksum: it changed after it was written"
+
+
+def test_a_run_is_its_data(token_dir, tmp_path, capsys):
+    # the old code printed "config changed" and went on training the first corpus's model on the second
+    out = run(token_dir, tmp_path / "run", "--max_steps=2")
+    other = make_token_shards(str(tmp_path / "other"), seed=1)  # the same shard names, other tokens
+    before = snapshot(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(other, out, "--max_steps=4")
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    latest = os.path.join(out, "ckpt_000002.pt")
+    assert error.count("\n") == 1 and f"--data_dir={other} holds other data than {latest}" in error
+    assert f"--init_from={latest} --out_dir=ANOTHER_FOLDER" in error
+    assert snapshot(out) == before
+    # the deliberate way: a new run from the checkpoint's weights; its step-0 val loss is the checkpoint's
+    # model evaluated on the same val windows as the first run's step-2 evaluation
+    fresh = run(token_dir, tmp_path / "fresh", "--max_steps=1", f"--init_from={latest}")
+    val = {m["step"]: m["val_loss"] for m in read_metrics(out) if "val_loss" in m}
+    assert read_metrics(fresh)[0] == {"step": 0, "val_loss": val[2]}
+    with pytest.raises(SystemExit):
+        run(token_dir, tmp_path / "wider", "--max_steps=1", f"--init_from={latest}", "--n_embd=64")
+    assert "holds another model shape: n_embd: 32 in the checkpoint, 64 requested" in capsys.readouterr().err

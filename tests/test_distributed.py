@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from tests.conftest import FULL_VOCAB, read_metrics, tiny_args, torchrun, write_examples
+from tests.conftest import (FULL_VOCAB, make_token_shards, read_metrics, tiny_args, torchrun, torchrun_bounded,
+                            write_examples)
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun or several processes
 
@@ -80,3 +81,24 @@ def test_compile_with_ddp_trains_evaluates_and_samples(token_dir, tmp_path):
     scores = [[m for m in run if "hellaswag_acc_norm" in m] for run in (eager, compiled)]
     assert [m["step"] for m in scores[1]] == [0, 2] and all(m["hellaswag_examples"] == 3 for m in scores[1])
     assert scores[0][0] == scores[1][0]  # the same initial weights score the same, compiled on 2 ranks or not
+
+
+def test_ranks_that_disagree_stop_before_the_first_step(token_dir, tmp_path):
+    # the old code: ranks with other max_steps hung in a collective until the 300 s process-group timeout
+    other = make_token_shards(str(tmp_path / "other"), seed=1)  # the same shard names, other tokens
+    per_rank = tmp_path / "per_rank.py"
+    per_rank.write_text("import os\n"
+                        "max_steps = 4 + int(os.environ['RANK'])\n"
+                        f"data_dir = {token_dir!r} if os.environ['RANK'] == '0' else {other!r}\n")
+    out = str(tmp_path / "out")
+    started = time.time()
+    args = [a for a in tiny_args(token_dir, out) if not a.startswith(("--max_steps=", "--data_dir="))]  # flags win
+    result = torchrun_bounded(2, "train.py", [*args, str(per_rank)], timeout=120)
+    assert result.returncode is not None and time.time() - started < 60, "the ranks hung"
+    assert result.returncode != 0
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # printed once
+    assert "the ranks disagree before the first step: rank 1 has " in line
+    assert f"data_dir={other!r} (rank 0: {token_dir!r})" in line and "max_steps=5 (rank 0: 4)" in line
+    assert "rank 1's data_dir differs from rank 0's in shards tiny_train_000001.npy, tiny_train_000002.npy, " \
+           "tiny_val_000000.npy" in line
+    assert not os.path.exists(out)  # refused before its first metrics line: the folder it made is removed

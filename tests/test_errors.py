@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import train
-from tests.conftest import ROOT, make_token_shards, tiny_args, torchrun
+from model import GPT, GPTConfig
+from tests.conftest import FULL_VOCAB, ROOT, make_token_shards, tiny_args, torchrun, write_examples
 
 
 def snapshot(*folders):
@@ -130,6 +131,106 @@ def test_bad_input_is_one_error_line_and_nothing_on_disk_changes(trained, capsys
                  message)
     after = snapshot(data, out)
     assert {path: after.get(path) for path in before} == before  # every earlier file, byte for byte
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def gpt2_folder(path, config_json=None):
+    """A transformers GPT-2 folder of a tiny model with GPT-2's 50257-token vocabulary; config_json replaces its
+    config.json."""
+    from gpt2_pretrain.hf_interop import export_hf
+
+    keys = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32}
+    export_hf(GPT(GPTConfig(vocab_size=50304, **keys)).state_dict(), keys, path)
+    if config_json is not None:
+        write(os.path.join(path, "config.json"), config_json)
+
+
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # Ctrl-C while the shards are opened, before the stop handler is in place
+
+
+def rename_a_shard_to_a_number(data):
+    with open(os.path.join(data, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["shards"][1]["name"] = 5
+    write(os.path.join(data, "manifest.json"), json.dumps(manifest))
+
+
+FORMER_TRACEBACKS = [  # (program, its arguments with {data}/{out}, what is set up first, the message)
+    ("train", ["--learning_rate=0"], None, "config key 'learning_rate' must be positive; got 0.0"),
+    ("train", ["--seed=-1"], None, "config key 'seed' must not be negative; got -1"),
+    ("train", ["{out}/exit.py"], lambda d, o, m: write(f"{o}/exit.py", "import sys\nsys.exit(3)\n"),
+     "config file '{out}/exit.py' could not be read: SystemExit: 3"),
+    ("train", ["--max_steps", "100"], None, "'--max_steps 100': flags take --key=value, with no space: write "
+                                           "--max_steps=100."),
+    ("train", ["--hellaswag=true", "--hellaswag_path={out}/hs.jsonl", "--vocab_size=50304", "--out_dir={out}/new"],
+     lambda d, o, m: write(f"{o}/hs.jsonl", "ctx, endings, label\n"), "{out}/hs.jsonl line 1 is not JSON ("),
+    ("train", ["--init_from={out}/hf", "--out_dir={out}/new"], lambda d, o, m: gpt2_folder(f"{o}/hf", "[1, 2]"),
+     "init_from '{out}/hf' is not a GPT-2 folder that can be read (AttributeError: 'list' object "),
+    ("train", ["--init_from={out}/hf", "--out_dir={out}/new", "--n_layer=1", "--n_embd=16"],
+     lambda d, o, m: gpt2_folder(f"{o}/hf"), "init_from '{out}/hf' has a vocabulary of 50257 tokens, more than "
+                                             "--vocab_size=128: raise vocab_size to at least 50257"),
+    ("train", [], lambda d, o, m: rename_a_shard_to_a_number(d), "is not a manifest that data/prepare.py writes"),
+    ("train", [], lambda d, o, m: m.setattr(train, "DataLoader", interrupted),
+     "interrupted by Ctrl-C before a checkpoint could be written: the checkpoints already in out_dir are kept"),
+    ("prepare", ["--verify", "{data}"], lambda d, o, m: write(f"{d}/manifest.json", "[1, 2]"),
+     "{data}/manifest.json is not a manifest that prepare.py writes (TypeError: "),
+    ("eval", ["{out}/empty", "--device=cpu"], lambda d, o, m: os.makedirs(f"{o}/empty"),
+     "no usable checkpoint (ckpt_STEP.pt / best_STEP.pt) in {out}/empty"),
+    ("eval", ["{out}/hf", "--device=cpu"], lambda d, o, m: write(f"{o}/hf/config.json", "{"),
+     "{out}/hf is not a GPT-2 folder that can be read (JSONDecodeError: "),
+    ("sample", ["{out}", "--top_k=-1"], None, "--top_k=-1 is out of range: --top_k >= 0 (0: all tokens)"),
+    ("sample", ["{out}", "--num_samples=0"], None, "--num_samples=0 is out of range"),
+    ("sample", ["{out}", "--temperature=nan"], None, "--temperature=nan is out of range"),
+    ("plot", ["{out}", "--out", "{out}/metrics.jsonl/loss.png"], None,
+     "cannot write --out {out}/metrics.jsonl/loss.png"),
+]
+
+
+@pytest.mark.parametrize("program, args, setup, message", FORMER_TRACEBACKS,
+                         ids=[f"{row[0]}{i}" for i, row in enumerate(FORMER_TRACEBACKS)])
+def test_former_tracebacks_are_one_error_line(trained, capsys, monkeypatch, program, args, setup, message):
+    import data.prepare as prepare_script
+    import scripts.eval
+    import scripts.plot
+    import scripts.sample
+
+    data, out = trained
+    if setup:
+        setup(data, out, monkeypatch)
+    before = snapshot(data, out)
+    capsys.readouterr()
+    argv = [a.format(data=data, out=out) for a in args]
+    main = {"train": lambda: train.main(tiny_args(data, out, "--max_steps=4", *argv)),
+            "prepare": lambda: prepare_script.main(argv), "eval": lambda: scripts.eval.main(argv),
+            "sample": lambda: scripts.sample.main(argv), "plot": lambda: scripts.plot.main(argv)}[program]
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and message.format(data=data, out=out) in errors[0], errors
+    after = snapshot(data, out)
+    assert {path: after.get(path) for path in before} == before
+
+
+def test_eval_takes_an_out_dir_like_sample_and_export(token_dir, tmp_path, capsys):
+    # the old code read an out_dir as a GPT-2 folder and raised FileNotFoundError on its missing safetensors
+    import scripts.eval
+
+    out, examples = str(tmp_path / "run"), write_examples(tmp_path / "hellaswag.jsonl")
+    train.main(tiny_args(token_dir, out, FULL_VOCAB, "--max_steps=1"))  # HellaSwag text needs GPT-2's vocab
+    scores = []
+    for model in (out, os.path.join(out, "ckpt_000001.pt")):  # the reference: the checkpoint file itself
+        capsys.readouterr()
+        assert scripts.eval.main([model, f"--hellaswag_path={examples}", "--device=cpu"]) == 0
+        scores.append(capsys.readouterr().out.splitlines()[-1])
+    assert scores[0] == scores[1] and scores[0].startswith("hellaswag: acc ")
 
 
 def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(trained, capsys):

@@ -171,12 +171,21 @@ def test_missing_truncated_and_corrupt_shards_are_named(tmp_path):
     ({"a.txt": bytes(range(256)) * 4}, "holds text that is not UTF-8"),
     ({"a.txt": "caf\xe9 au lait".encode("latin-1")}, "holds text that is not UTF-8"),
     ({"a.jsonl": b'{"text": "hi"\n'}, "cannot be read: JSON parse error"),
+    # each names the file (and row) at fault; the old code raised AttributeError, CastError, or named the folder
+    ({"a.jsonl": b'{"text": "hello there"}\n\n{"text": 5}\n'}, "a.jsonl line 3: its 'text' is a int ('5'), not text"),
+    ({"1.jsonl": b'{"text": "hello there"}\n', "2.jsonl": b'{"body": "hi"}\n'},
+     "2.jsonl has other columns (body) than "),
+    ({"1.parquet": "parquet:text", "2.parquet": "parquet:content"}, "2.parquet has other columns (content) than "),
+    ({"1.txt": b"fine words", "2.txt": b"more\ncaf\xe9"}, "2.txt line 2 holds text that is not UTF-8"),
 ])
 def test_bad_sources_are_one_error_line(tmp_path, capsys, files, message):
     source = tmp_path / "src"
     for name, content in (files or {}).items():
         source.mkdir(exist_ok=True)
-        (source / name).write_bytes(content)
+        if isinstance(content, str):  # "parquet:COLUMN": a parquet file of two documents in that column
+            pq.write_table(pa.table({content.split(":")[1]: ["a few words", "and some more"]}), source / name)
+        else:
+            (source / name).write_bytes(content)
     code = prepare_module.main(["--source", str(source), "--out", str(tmp_path / "out"), "--workers", "1",
                                 "--val_tokens", "1000"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -290,3 +299,49 @@ def test_local_text_without_the_datasets_library_gives_the_same_shards(tmp_path,
     assert names == sorted(os.listdir(tmp_path / "without"))
     for name in names:
         assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes(), name
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    source, out = write_source(tmp_path, "txt", DOCS[:10]), str(tmp_path / "out")
+    os.makedirs(out)
+    held = prepare_module.hold_out(out)  # as a first run holds it while it tokenizes
+    try:
+        assert prepare_module.main(["--source", source, "--out", out, "--workers", "1"]) == 2
+    finally:
+        os.close(held)
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"error: --out {out} is in use by another prepare.py run (pid {os.getpid()}: ")
+    assert os.listdir(out) == [".prepare.lock"]  # the first run's: nothing written
+    assert prepare_module.main(["--source", source, "--out", out, "--workers", "1"]) == 0
+    assert ".prepare.lock" not in os.listdir(out)  # a finished run leaves only its data
+
+
+@pytest.mark.parametrize("flags", [["--val_fraction", "0"], ["--val_tokens", "0"]])
+def test_no_val_split_is_refused(tmp_path, capsys, flags):
+    # the old code wrote data without a val shard, which train.py then refused
+    source = write_source(tmp_path, "txt", DOCS[:10])
+    assert prepare_module.main(["--source", source, "--out", str(tmp_path / "out"), "--workers", "1", *flags]) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert "writes no val split, and train.py reads one" in error and "--val_fraction 0.01" in error
+
+
+def test_skipped_documents_are_counted(tmp_path, capsys):
+    source = write_source(tmp_path, "jsonl", [*DOCS[:10], "", "  \n"])
+    assert prepare_module.main(["--source", source, "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert json.load(open(tmp_path / "out" / "manifest.json"))["documents"]["skipped"] == 2
+    assert "2 empty documents skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2]", '{"shards": [{"name": 3, "sha256": "x"}]}', '{"shards": [{}]}', "{"])
+def test_verify_of_a_broken_manifest_is_one_error_line(tmp_path, capsys, manifest):
+    (tmp_path / "manifest.json").write_text(manifest)
+    assert prepare_module.main(["--verify", str(tmp_path)]) == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"error: {tmp_path / 'manifest.json'} is not a manifest that prepare.py writes (")
+
+
+def test_a_text_that_is_not_a_string_is_named_without_the_datasets_library(tmp_path, monkeypatch):
+    source = write_source(tmp_path, "jsonl", ["first doc", ["a", "list"], "last doc"])
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(PrepareError, match=r"part.jsonl line 2: its 'text' is a list \(\"\['a', 'list'\]\"\), not"):
+        prepare(source, str(tmp_path / "out"), workers=1, progress=False)

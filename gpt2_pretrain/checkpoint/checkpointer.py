@@ -10,6 +10,7 @@ A checkpoint at step s holds the state before step s's evaluation and update (be
 so a resumed run starts its loop at s and repeats exactly what the uninterrupted run did from there.
 """
 
+import json
 import math
 import os
 import shutil
@@ -19,11 +20,12 @@ import torch.distributed as dist
 
 from config import ConfigError, config_to_dict
 from gpt2_pretrain.atomic import atomic_save
+from gpt2_pretrain.checkpoint.checksum import with_checksum
 from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, clean_state_dict, compare_configs, latest_valid,
                                             list_checkpoints, load_checkpoint, load_optimizer_state, newer_elsewhere,
-                                            rng_state, set_rng_state, trim_metrics, try_load)
-from gpt2_pretrain.checkpoint.sharded import (SHARDED, is_sharded_checkpoint, link_copy, load_sharded,
-                                              ranks_that_cannot_read, save_sharded, training_state, weights_finite)
+                                            rng_state, set_aside, set_rng_state, trim_metrics, try_load)
+from gpt2_pretrain.checkpoint.sharded import (SHARDED, link_copy, load_sharded, ranks_that_cannot_read, save_sharded,
+                                              training_state, weights_finite)
 from gpt2_pretrain.distributed import print0
 from gpt2_pretrain.errors import failed_save_message
 
@@ -43,6 +45,9 @@ class Checkpointer:
         self.resumed_config = None  # the resumed checkpoint's config, as a dict
         self.start_step = 0
         self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
+        self.start_path = None  # the checkpoint this run resumed from: never pruned by it
+        self.timeline_note = None  # set when resume() moved an older timeline aside: the summary repeats it
+        self._usable = {}  # (path, inode, size, mtime) -> whether the file passed try_load: pruning counts those
         self._rank_state = None
 
     def _pick_on_rank0(self):
@@ -50,15 +55,19 @@ class Checkpointer:
         config, out_dir = self.config, self.config.out_dir
         if config.resume == "never":
             existing = list_checkpoints(out_dir)
-            if existing:
-                raise ConfigError(f"--resume=never but {out_dir} already holds checkpoints ({existing[0][1]}): "
+            usable = next((path for _, path in existing if try_load(path, mmap=True)[0] is not None), None)
+            if usable:
+                raise ConfigError(f"--resume=never but {out_dir} already holds checkpoints ({usable}): "
                                   f"continue them with --resume=auto, or start over in another --out_dir.")
-            return None, None
+            return None, None  # the unusable ones, if any, are set aside by resume()
         if config.resume == "auto":
-            return latest_valid(out_dir, warn=print0)
-        if not (os.path.isfile(config.resume) or is_sharded_checkpoint(config.resume)):
-            raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never "
-                              f"or a path).")
+            return latest_valid(out_dir, warn=print0, advice=(
+                "resume from another checkpoint with --resume=PATH, or start over on purpose with "
+                "--resume=never (the unusable files are then moved into a set_aside/ folder of out_dir, not "
+                "deleted)"))
+        if not os.path.exists(config.resume):
+            raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never or "
+                              f"a path).")
         checkpoint, problem = try_load(config.resume)
         if checkpoint is None:
             raise ConfigError(f"checkpoint {config.resume} is unusable ({problem}).")
@@ -86,6 +95,7 @@ class Checkpointer:
         """Restore weights, optimizers, loader and counters from the chosen checkpoint; return the start step."""
         path, checkpoint = self._pick_and_broadcast()
         if path is not None:
+            self._check_data(path, checkpoint)
             for change in compare_configs(checkpoint["config"], self.config):
                 print0(f"resume: config changed since the checkpoint, {change}")
             if checkpoint["model"] == SHARDED:
@@ -111,6 +121,9 @@ class Checkpointer:
             self.run_seconds = checkpoint.get("run_seconds", 0.0)
             self.resumed_config = checkpoint["config"]
             self.last_saved = (self.start_step, path)
+            self.start_path = path
+            if self.info.is_master:
+                self._known_usable(path)  # checked by try_load just now: pruning need not read it again
             print0(f"resumed from {path} at step {self.start_step}")
             if self.start_step == self.config.max_steps:
                 print0(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
@@ -118,7 +131,7 @@ class Checkpointer:
                 print0(f"the checkpoint is at step {self.start_step}, past --max_steps={self.config.max_steps}: "
                        f"nothing to train; give --max_steps above {self.start_step} to train on")
         if self.info.is_master:
-            trim_metrics(self.config.out_dir, self.start_step)
+            self._new_timeline(path)
         return self.start_step
 
     def _check_every_rank_reads(self, path):
@@ -130,6 +143,36 @@ class Checkpointer:
             raise ConfigError(f"--resume={path}: {ranks} cannot read this sharded checkpoint, and every rank reads "
                               f"its own shards: give a path every node sees (a shared filesystem), or copy the "
                               f"folder to that path on every node.")
+
+    def _check_data(self, path, checkpoint):
+        """A run is its data: resuming it on another data_dir manifest is refused, with the deliberate way."""
+        data = checkpoint.get("data")  # absent in checkpoints written before it was kept
+        if data is None or data["manifest_sha256"] == self.loader.manifest_digest:
+            return
+        raise ConfigError(
+            f"--data_dir={self.config.data_dir} holds other data than {path} was trained on (--data_dir="
+            f"{data['data_dir']}: another manifest.json) and a run is its data. To go on training that model on "
+            f"this data, start a new run from its weights: --init_from={path} --out_dir=ANOTHER_FOLDER; to "
+            f"resume this run, give its own --data_dir={data['data_dir']}.")
+
+    def _new_timeline(self, path):
+        """Rank 0, after a resume (or a fresh start): metrics.jsonl is cut back to the start step, and the
+        checkpoints newer than it (a rollback's old timeline, or broken files skipped) are moved aside with
+        the records cut, so that every later --resume=auto continues from here."""
+        out_dir = self.config.out_dir
+        cut = trim_metrics(out_dir, self.start_step)
+        folder = set_aside(out_dir, self.start_step if path is not None else -1, cut)
+        if folder is None:
+            return
+        newest = max(int(CHECKPOINT_NAME.match(name).group(2)) for name in os.listdir(folder)
+                     if CHECKPOINT_NAME.match(name))
+        what = f"resumed from {path} at step {self.start_step}" if path else "started over at step 0"
+        self.timeline_note = (f"new timeline: {what}; the checkpoints after it (up to step {newest}) and their "
+                              f"metrics were moved into {folder}")
+        print0(self.timeline_note)
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": self.start_step, "new_timeline": {
+                "resumed_from": path, "set_aside": folder, "newest_set_aside": newest}}) + "\n")
 
     def restore_rng(self):
         """Put back this rank's random states; call last before the loop so nothing draws from them first."""
@@ -156,6 +199,7 @@ class Checkpointer:
             "wandb_run_id": counters["wandb_run_id"],
             "nonfinite_steps": counters["nonfinite_steps"],
             "run_seconds": counters.get("run_seconds", 0.0),
+            "data": {"manifest_sha256": self.loader.manifest_digest, "data_dir": self.config.data_dir},
         }
 
     def _write(self, checkpoint, path, final=False):
@@ -170,6 +214,8 @@ class Checkpointer:
                 save_sharded(checkpoint, path, self.model, self.optimizers)
             except OSError as e:  # the same error on every rank
                 return self._failed(path, [checkpoint, training_state(self.model, self.optimizers)], e, final)
+            if self.info.is_master:
+                self._known_usable(path)
         elif checkpoint is None:
             return False
         elif not all(torch.isfinite(t).all() for t in checkpoint["model"].values()):
@@ -177,9 +223,10 @@ class Checkpointer:
             return False
         else:
             try:
-                atomic_save(checkpoint, path)
+                atomic_save(with_checksum(checkpoint), path)
             except OSError as e:
                 return self._failed(path, checkpoint, e, final)
+            self._known_usable(path)
         print0(f"saved checkpoint {path}")
         return True
 
@@ -209,7 +256,7 @@ class Checkpointer:
         checkpoint = self._state(step, counters)
         path = os.path.join(self.config.out_dir, f"ckpt_{step:06d}{self.suffix}")
         if self._write(checkpoint, path, final=final) and self.info.is_master:
-            self.prune()
+            self.prune(path)
         self.last_saved = (step, path)
 
     def update_best(self, step, val_loss, counters):
@@ -248,25 +295,49 @@ class Checkpointer:
                         os.link(self.last_saved[1], path)
                     except OSError:
                         atomic_save(load_checkpoint(self.last_saved[1]), path)  # no hard links on this filesystem
-                self.prune()
+                self._known_usable(path)
+                self.prune(path)
             return
         checkpoint = self._state(step, counters)
         if self._write(checkpoint, path) and self.info.is_master:
-            self.prune()
+            self.prune(path)
 
-    def prune(self):
-        """Keep the newest keep_last ckpt_ files and the newest best_ file; remove leftovers of killed saves."""
+    def _key(self, path):
+        stat = os.stat(path)
+        return path, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def _known_usable(self, path):
+        """A file this run just wrote (or linked from one): usable without reading it back."""
+        self._usable[self._key(path)] = True
+
+    def _is_usable(self, path):
+        try:
+            key = self._key(path)
+        except OSError:
+            return False
+        if key not in self._usable:
+            self._usable[key] = try_load(path, mmap=True)[0] is not None  # once per file and run
+        return self._usable[key]
+
+    def prune(self, written):
+        """Keep the newest keep_last usable ckpt_ files and the newest usable best_ one, of the steps up to the
+        one just `written`; never remove that one, the one the run started from, nor an unusable file (a broken
+        file is neither counted nor deleted: it stays for its owner to look at). Removes leftovers of killed
+        saves."""
         out_dir = self.config.out_dir
-        steps = sorted((int(m.group(2)), m.group(1), n) for n in os.listdir(out_dir)
-                       if (m := CHECKPOINT_NAME.match(n)))
-        ckpts = [n for _, kind, n in steps if kind == "ckpt"]
-        bests = [n for _, kind, n in steps if kind == "best"]
-        doomed = bests[:-1] + (ckpts[:-self.config.keep_last] if self.config.keep_last > 0 else [])
-        doomed += [n for n in os.listdir(out_dir) if ".pt.tmp." in n or n.endswith(".dcp.tmp")]
-        for name in doomed:
+        step_written = int(CHECKPOINT_NAME.match(os.path.basename(written)).group(2))
+        spared = {os.path.abspath(written)} | ({os.path.abspath(self.start_path)} if self.start_path else set())
+        usable = [(step, path) for step, path in list_checkpoints(out_dir)
+                  if step <= step_written and self._is_usable(path)]  # newest first
+        ckpts = [path for _, path in usable if os.path.basename(path).startswith("ckpt_")]
+        bests = [path for _, path in usable if os.path.basename(path).startswith("best_")]
+        doomed = bests[1:] + (ckpts[self.config.keep_last:] if self.config.keep_last > 0 else [])
+        doomed = [path for path in doomed if os.path.abspath(path) not in spared]
+        doomed += [os.path.join(out_dir, n) for n in os.listdir(out_dir) if ".pt.tmp." in n or n.endswith(".dcp.tmp")]
+        for path in doomed:
             try:
-                os.remove(os.path.join(out_dir, name))
+                os.remove(path)
             except IsADirectoryError:
-                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)  # a sharded checkpoint
+                shutil.rmtree(path, ignore_errors=True)  # a sharded checkpoint
             except FileNotFoundError:
                 pass

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import time
 import zipfile
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError, config_to_dict
-from gpt2_pretrain.atomic import atomic_write
+from gpt2_pretrain.atomic import atomic_write, fsync_path
+from gpt2_pretrain.checkpoint.checksum import checksum_problem
 from gpt2_pretrain.checkpoint.sharded import SHARDED, is_sharded_checkpoint, load_full_weights, read_meta
 
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
@@ -29,10 +31,11 @@ def clean_state_dict(model):
     return model.state_dict()
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", mmap=False):
+    """mmap: tensors read from the file as they are used (a check of the checksum then holds no copy)."""
     if is_sharded_checkpoint(path):
         return read_meta(path)  # the weights stay in the shard files: model_weights() gathers them
-    return torch.load(path, map_location=device, weights_only=True)
+    return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
 
 
 def model_weights(path, checkpoint):
@@ -52,26 +55,54 @@ def list_checkpoints(out_dir):
     return [(step, path) for step, _, path in sorted(found, reverse=True)]
 
 
-def try_load(path, required=REQUIRED_KEYS):
-    """(checkpoint, None) when `path` loads and has every required part, else (None, the reason)."""
+def try_load(path, required=REQUIRED_KEYS, mmap=False):
+    """(checkpoint, None) when `path` loads, matches its checksum and has every required part, else (None,
+    the reason)."""
     if not is_sharded_checkpoint(path) and not zipfile.is_zipfile(path):
         return None, "not a checkpoint: train.py writes ckpt_STEP.pt / best_STEP.pt zip files (or .dcp folders)"
     try:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, mmap=mmap)
+        problem = checksum_problem(path, checkpoint)
     except Exception as e:  # truncated zip, bad pickle, unreadable file: all mean "not usable"
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if problem:
+        return None, problem
     missing = [k for k in required if not isinstance(checkpoint, dict) or k not in checkpoint]
     return (None, f"missing {', '.join(missing)}") if missing else (checkpoint, None)
 
 
-def latest_valid(out_dir, warn=print):
-    """(path, checkpoint) of the newest checkpoint that loads; warns about each broken one skipped."""
-    for _, path in list_checkpoints(out_dir):
+def latest_valid(out_dir, warn=print, advice="give one checkpoint that is usable"):
+    """(path, checkpoint) of the newest usable checkpoint, or (None, None) when out_dir holds none; warns about
+    each broken one skipped. When out_dir holds checkpoints and none is usable, a ConfigError names them and
+    `advice`: a run never starts over by itself."""
+    found = list_checkpoints(out_dir)
+    problems = []
+    for _, path in found:
         checkpoint, problem = try_load(path)
         if checkpoint is not None:
+            for skipped, why in problems:
+                warn(f"warning: checkpoint {skipped} is unusable ({why}); falling back to the previous one")
             return path, checkpoint
-        warn(f"warning: checkpoint {path} is unusable ({problem}); falling back to the previous one")
+        problems.append((path, problem))
+    if found:
+        problems = [f"{os.path.basename(path)}: {why}" for path, why in problems]
+        raise ConfigError(f"{out_dir} holds checkpoints but none is usable ({'; '.join(problems)}): {advice}.")
     return None, None
+
+
+def init_weights(path, config):
+    """The model weights of checkpoint `path` (a .pt file or .dcp folder) for a new run of `config`
+    (--init_from): step, optimizer and data start afresh. Refused when unusable or of another model shape."""
+    checkpoint, problem = try_load(path, required=("model", "config"))
+    if checkpoint is None:
+        raise ConfigError(f"init_from '{path}' is unusable ({problem}).")
+    requested = config_to_dict(config)
+    differ = [f"{k}: {checkpoint['config'].get(k)!r} in the checkpoint, {requested[k]!r} requested"
+              for k in RESUME_MUST_MATCH if k != "optimizer" and checkpoint["config"].get(k) != requested[k]]
+    if differ:
+        raise ConfigError(f"init_from '{path}' holds another model shape: {'; '.join(differ)}. Set these keys to "
+                          f"the checkpoint's values.")
+    return model_weights(path, checkpoint)
 
 
 def compare_configs(saved, config):
@@ -111,21 +142,43 @@ def set_rng_state(state, device):
 
 
 def trim_metrics(out_dir, step):
-    """Drop metrics.jsonl records from `step` on: the resumed run writes them again."""
+    """Drop metrics.jsonl records from `step` on (the resumed run writes them again); returns them."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        return
+        return []
     with open(path) as f:
         lines = f.readlines()
-    kept = []
+    kept, cut = [], []
     for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-        if not isinstance(record, dict) or record.get("step", -1) < step:
-            kept.append(line)
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))  # a kill mid-trim loses no record
+        (kept if not isinstance(record, dict) or record.get("step", -1) < step else cut).append(line)
+    if cut:
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))  # a kill mid-trim loses no record
+    return cut
+
+
+def set_aside(out_dir, after_step, metrics_lines=()):
+    """Move the checkpoints of out_dir newer than `after_step` into a new folder out_dir/set_aside/TIME_step_S/
+    (S: the step the new timeline starts from), with `metrics_lines` as its metrics.jsonl: an older timeline
+    is kept, never deleted, and --resume=auto no longer sees it. Returns the folder, or None when nothing moved."""
+    newer = [path for step, path in list_checkpoints(out_dir) if step > after_step]
+    if not newer:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = folder = os.path.join(out_dir, "set_aside", f"{stamp}_step_{max(after_step, 0):06d}")
+    suffix = 1
+    while os.path.exists(folder):  # two set-asides within a second
+        folder, suffix = f"{base}.{suffix}", suffix + 1
+    os.makedirs(folder)
+    if metrics_lines:
+        atomic_write(os.path.join(folder, "metrics.jsonl"), lambda f: f.write("".join(metrics_lines).encode()))
+    for path in newer:
+        os.replace(path, os.path.join(folder, os.path.basename(path)))  # same filesystem: a rename, no copy
+    fsync_path(out_dir)
+    return folder
 
 
 def load_optimizer_state(optimizer, state, load=None):
