@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from config import ConfigError, load_config  # noqa: E402
+from gpt2_pretrain.allocator import keep_large_allocations_on_heap  # noqa: E402
 from gpt2_pretrain.errors import reported_as_errors  # noqa: E402
 from model import GPT  # noqa: E402
 from train import model_config  # noqa: E402
@@ -30,6 +31,7 @@ def main(argv=None):
     args, config_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     with reported_as_errors(ConfigError):
         config = load_config(config_args)
+    keep_large_allocations_on_heap()  # as train.py does
     torch.manual_seed(config.seed)
     model = GPT(model_config(config)).to(config.device).eval()
     tokens = torch.randint(0, min(config.vocab_size, 50257), (config.batch_size, config.block_size + 1),
