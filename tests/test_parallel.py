@@ -54,8 +54,10 @@ def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_
 
 @pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_dry_run_shows_ddp_and_fsdp_memory_for_the_xl_config(token_dir):
-    """GPT-2 XL's config on 8 processes: fsdp holds 1/8 of the weights, gradients and optimizer state."""
-    result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", f"--data_dir={token_dir}", "--dry_run"],
+    """GPT-2 XL's config on 8 GPU processes: fsdp holds 1/8 of the weights, gradients and optimizer state.
+    --device=cuda: a dry run estimates for the device named, and on a machine without one speaks of its CPU."""
+    result = run_python(["train.py", "configs/gpt2_xl_fsdp.py", f"--data_dir={token_dir}", "--dry_run",
+                         "--device=cuda"],
                         env={"WORLD_SIZE": "8"})
     assert result.returncode == 0, result.stderr
     assert "parameters: 1,557,686,400" in result.stdout  # GPT-2 XL with the vocab padded to 50304
