@@ -181,6 +181,8 @@ def test_a_best_checkpoint_that_could_not_be_written_is_not_the_best(tmp_path, m
     optimizers = train.make_optimizers(config, model, "cpu", log=lambda *args, **kwargs: None)
 
     class Loader:
+        manifest_digest = "0" * 64  # what a checkpoint records of its data
+
         def state_dict(self):
             return {"position": 0}
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from gpt2_pretrain.checkpoint.checksum import with_checksum
 from gpt2_pretrain.dry_run import meta_model
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token, peak_flops_for
 from model import GPT
@@ -185,7 +186,7 @@ def test_a_resumed_run_counts_the_time_before_and_names_a_max_steps_behind_it(to
     checkpoint = torch.load(path, weights_only=True)
     assert 0 < checkpoint["run_seconds"] < 600
     checkpoint["run_seconds"] = 3600.0  # as if the first process had run an hour
-    torch.save(checkpoint, path)
+    torch.save(with_checksum(checkpoint), path)  # a changed checkpoint with a stale checksum is refused
     train.main(tiny_args(token_dir, out, "--max_steps=4"))
     printed = capsys.readouterr().out
     assert re.search(r"run finished at step 4/4 in 1h00m \(\d+s of it in this process\)", printed)
