@@ -2,8 +2,11 @@
 
 A checkpoint is one torch file of plain data, so `torch.load(weights_only=True)` reads it: model weights
 (names without torch.compile's or DDP's prefixes), optimizer states, step, the resolved config, each
-rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss and the W&B run id.
-Files in out_dir: ckpt_STEP.pt (the last keep_last of them) and best_STEP.pt (lowest val loss so far).
+rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss, the W&B run id, the digest
+of the data manifest (a run is its data) and a checksum of all of it (checksum.py).
+Files in out_dir: ckpt_STEP.pt (the last keep_last usable ones) and best_STEP.pt (lowest val loss so far);
+set_aside/TIME_step_S/ holds what a resume at step S moved out of the way (the checkpoints after S of an
+older timeline, or broken files skipped, with their metrics records), never deleted.
 A sharded run (--parallel=fsdp) writes folders ckpt_STEP.dcp/ and best_STEP.dcp/ instead, each rank its own
 shards (sharded.py). Reading, listing and checking checkpoint files: files.py.
 A checkpoint at step s holds the state before step s's evaluation and update (best_val_loss included),

@@ -1,5 +1,5 @@
-"""Checkpoint files: read one (full .pt or sharded .dcp), list, validate and compare them, and the random and
-optimizer states they carry. The run's own saving and resuming is checkpointer.Checkpointer; files are written
+"""Checkpoint files: read one (full .pt or sharded .dcp), list, validate (checksum.py) and compare them, set
+newer ones aside for a new timeline, and the random and optimizer states they carry. The run's own saving and resuming is checkpointer.Checkpointer; files are written
 with atomic.atomic_save.
 """
 
