@@ -1,6 +1,6 @@
 """Checkpoint files: read one (full .pt or sharded .dcp), list, validate (checksum.py) and compare them, set
-newer ones aside for a new timeline, and the random and optimizer states they carry. The run's own saving and resuming is checkpointer.Checkpointer; files are written
-with atomic.atomic_save.
+newer ones aside for a new timeline, and the random and optimizer states they carry. The run's own saving
+and resuming is checkpointer.Checkpointer; files are written with atomic.atomic_save.
 """
 
 import json
