@@ -284,3 +284,14 @@ def test_a_run_is_its_data(token_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(token_dir, tmp_path / "wider", "--max_steps=1", f"--init_from={latest}", "--n_embd=64")
     assert "holds another model shape: n_embd: 32 in the checkpoint, 64 requested" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_checksums_and_data_digests_still_resumes(token_dir, tmp_path, capsys):
+    out = run(token_dir, tmp_path / "run", "--max_steps=2")
+    path = os.path.join(out, "ckpt_000002.pt")
+    old = {k: v for k, v in torch.load(path, weights_only=True).items() if k not in ("checksum", "data")}
+    atomic_save(old, path)  # as the tool wrote it before: nothing to check it against
+    assert try_load(path)[1] is None
+    capsys.readouterr()
+    run(token_dir, out, "--max_steps=3")
+    assert f"resumed from {path} at step 2" in capsys.readouterr().out
