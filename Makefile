@@ -36,11 +36,16 @@ train: data
 	$(PY) train.py configs/shakespeare.py
 	$(PY) scripts/plot.py out/shakespeare/metrics.jsonl --out out/shakespeare/loss.png
 
+# pytest-xdist: one worker a core, at most 4 (most tests start processes of their own: torchrun ranks);
+# worksteal hands a worker that runs dry the tests queued on a busy one. TEST_WORKERS=0 runs in this process
+TEST_WORKERS ?= auto
+PYTEST := -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal
+
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q tests
+	$(PY) $(PYTEST) tests
 
 test-fast: $(VENV)/.installed-dev
-	$(PY) -m pytest -q -m "not slow and not gpu" tests
+	$(PY) $(PYTEST) -m "not slow and not gpu" tests
 
 # the oldest torch supported: requirements.txt pins the newest; the second venv takes every other pin as it is
 COMPAT_TORCH ?= 2.11.0
@@ -57,7 +62,7 @@ $(COMPAT_VENV)/.installed-$(COMPAT_TORCH): requirements.txt requirements-dev.txt
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed-$(COMPAT_TORCH)
-	$(COMPAT_PY) -m pytest -q -m "not slow and not gpu" tests
+	$(COMPAT_PY) $(PYTEST) -m "not slow and not gpu" tests
 
 GPU_CHECK_OUT ?= out/gpu_check
 GPU_CHECK_ARGS ?=

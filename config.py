@@ -54,10 +54,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 disables)
     # evaluation and sampling
     eval_interval: int = 250  # steps between val loss evaluations and samples
-    eval_iters: int = 20  # val micro-batches of batch_size sequences per evaluation (whatever the world size)
+    eval_iters: int = 20  # val micro-batches of batch_size sequences, spread over the val split; -1: all of it; 0: none
     sample_tokens: int = 32  # tokens generated for the sample at each evaluation (0 disables)
     sample_prompt: str = "Hello, I'm a language model,"  # prompt of the sample at each evaluation
-    hellaswag: bool = False  # HellaSwag acc and acc_norm at each evaluation (downloads the val set once)
+    hellaswag: bool = False  # HellaSwag acc, acc_norm, acc_per_token at each evaluation (downloads the val set once)
     hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag val jsonl (fetched if missing)
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -240,7 +240,10 @@ def check_config(config):
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
-    for key in ("warmup_steps", "eval_iters", "keep_last", "sample_tokens", "seed"):
+    if config.eval_iters < -1:
+        raise ConfigError(f"config key 'eval_iters' must be -1 (all of val), 0 (no evaluation) or positive; "
+                          f"got {config.eval_iters}.")
+    for key in ("warmup_steps", "keep_last", "sample_tokens", "seed"):
         if getattr(config, key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative; got {getattr(config, key)}.")
     for key in ("dropout", "beta1", "beta2"):
@@ -263,6 +266,13 @@ def check_config(config):
                           f"default), or turn samples off with --sample_tokens=0.")
 
 
+# keys an optimizer does not read, and why; a value away from its default draws a warning
+IGNORED_BY = {"muon": ("weight_decay", "beta1", "beta2"),
+              "adamw": ("matrix_lr", "embedding_lr", "unembedding_lr", "muon_momentum")}
+IGNORED_WHY = {"muon": "Muon uses no weight decay, and its AdamW part fixed betas (0.8, 0.95) (docs/muon.md)",
+               "adamw": "those are Muon's settings; AdamW uses learning_rate, weight_decay, beta1 and beta2"}
+
+
 def plan_warnings(config, train_tokens=None):
     """`warning:` lines about a config that runs but probably not as meant; train_tokens: the train split's size."""
     warnings = []
@@ -272,6 +282,12 @@ def plan_warnings(config, train_tokens=None):
             f"warning: warmup_steps ({config.warmup_steps}) >= max_steps ({config.max_steps}): the learning rate is "
             f"still warming up at the last step ({100 * peak:.0f}% of learning_rate) and never decays; set "
             f"--warmup_steps={max(1, config.max_steps // 10)} (a tenth of max_steps) or lower.")
+    defaults = TrainConfig()
+    ignored = [f"{key}={getattr(config, key)}" for key in IGNORED_BY[config.optimizer]
+               if getattr(config, key) != getattr(defaults, key)]
+    if ignored:
+        warnings.append(f"warning: --optimizer={config.optimizer} ignores {', '.join(ignored)} (set away from the "
+                        f"default): {IGNORED_WHY[config.optimizer]}")
     planned = config.max_steps * config.total_batch_size
     if train_tokens and planned > train_tokens:
         passes = planned / train_tokens

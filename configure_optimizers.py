@@ -47,6 +47,22 @@ def get_lr(step, learning_rate, min_lr, warmup_steps, max_steps):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_steps", "max_steps")  # get_lr's arguments after step
+
+
+def lr_jump_warning(saved, current, step):
+    """A `warning:` line when a run resumed at `step` gets another lr than the checkpoint's schedule gave it
+    (a finished run continued with a larger max_steps: min_lr -> mid-cosine at once), else None.
+    saved, current: the checkpoint's config and this run's, as dicts."""
+    before = get_lr(step, *(saved[key] for key in SCHEDULE_KEYS))
+    after = get_lr(step, *(current[key] for key in SCHEDULE_KEYS))
+    if math.isclose(before, after, rel_tol=1e-3):
+        return None
+    changed = ", ".join(f"{key} {saved[key]} -> {current[key]}" for key in SCHEDULE_KEYS if saved[key] != current[key])
+    return (f"warning: resume at step {step}: the learning rate was {before:.3e} on the checkpoint's schedule and "
+            f"is {after:.3e} on this one ({changed}): it jumps there at the first step, then follows the new schedule")
+
+
 def set_lr(optimizers, lr_scale):
     """Every group follows the schedule as a multiplier of its own initial lr."""
     for optimizer in optimizers:

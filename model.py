@@ -144,8 +144,3 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_id), dim=1)
         return idx
 
-
-def flops_per_token(config, n_params):
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*C*T for attention (nanoGPT's convention)."""
-    return 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
-

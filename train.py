@@ -16,22 +16,23 @@ import torch
 from safetensors import SafetensorError
 
 from config import ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings, save_config
-from configure_optimizers import configure_adamw, configure_muon, get_lr, muon_momentum, set_lr, set_muon_momentum
+from configure_optimizers import (configure_adamw, configure_muon, get_lr, lr_jump_warning, muon_momentum, set_lr,
+                                  set_muon_momentum)
 from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
 from gpt2_pretrain import console
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import init_weights, list_checkpoints
-from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, print0, setup_distributed,
-                                       teardown_distributed)
+from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, end_of_run, print0,
+                                       seed_rank_streams, setup_distributed)
 from gpt2_pretrain.dry_run import dry_run_report
 from gpt2_pretrain.errors import check_ranks_agree, check_shared_out_dir, fail, hold_out_dir, reported_as_errors
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token
 from gpt2_pretrain.guards import NonFiniteError, NonFiniteGuard, StopSignal, apply_update
 from gpt2_pretrain.hellaswag import HellaSwagError, evaluate_hellaswag, load_hellaswag
 from gpt2_pretrain.hf_interop import import_hf, mismatched_keys
-from gpt2_pretrain.logging import Logger, Progress, run_summary
+from gpt2_pretrain.logging import Logger, Progress, data_size, run_summary
 from gpt2_pretrain.muon import ShardedMuon
 from gpt2_pretrain.parallel import clip_grad_norm, set_gradient_sync, wrap_model
 from model import GPT, GPTConfig
@@ -137,24 +138,23 @@ def hellaswag_examples(config, info):
 
 @torch.no_grad()
 def evaluate(model, val_loader, config, info):
-    """Mean val loss over the same eval_iters * batch_size windows whatever the world size."""
+    """Mean val loss over eval_iters * batch_size windows spread evenly over the whole val split (all of it
+    with eval_iters=-1): the same windows at every evaluation, whatever the world size."""
     model.eval()
-    windows = min(config.eval_iters * config.batch_size, val_loader.windows_per_epoch)
+    windows = val_loader.spread_windows(config.eval_iters * config.batch_size if config.eval_iters > 0 else None)
     per_call = config.batch_size * info.world_size
-    val_loader.rewind()
     loss_sum = torch.zeros((), device=info.device, dtype=torch.float64)
-    for call in range((windows + per_call - 1) // per_call):
-        x, y = val_loader.next_batch()
-        first = call * per_call + info.rank * config.batch_size
-        valid = max(0, min(config.batch_size, windows - first))
-        y[valid:] = -1  # windows past the fixed set: ignored by the loss, same shapes for torch.compile
+    for call_start in range(0, len(windows), per_call):
+        first = call_start + info.rank * config.batch_size
+        mine = windows[first:min(first + config.batch_size, call_start + per_call)]
+        x, y = val_loader.windows(mine, config.batch_size)  # padding rows: targets -1, same shapes on every call
         with autocast_context(info.device_type):
             _, loss = model(x, y)  # on every rank, rows or none: under fsdp each forward is a collective
-        if valid:  # a rank without rows has a nan loss (no target counted): it adds nothing
-            loss_sum += loss.double() * valid * config.block_size
+        if len(mine):  # a rank without rows has a nan loss (no target counted): it adds nothing
+            loss_sum += loss.double() * len(mine) * config.block_size
     all_reduce_sum(loss_sum, info)
     model.train()
-    return (loss_sum / (windows * config.block_size)).item()
+    return (loss_sum / (len(windows) * config.block_size)).item()
 
 
 def generate_sample(model, config, device, step):
@@ -181,7 +181,7 @@ def train(config, info, argv=()):
     train_loader = DataLoader(config.data_dir, "train", shuffle=config.shuffle, **loader_args)
     val_loader = DataLoader(config.data_dir, "val", shuffle=False, **loader_args)
     if train_loader.hashed_bytes + val_loader.hashed_bytes:
-        print0(f"checked the sha256 of {(train_loader.hashed_bytes + val_loader.hashed_bytes) / 1e9:.2f} GB of shards "
+        print0(f"checked the sha256 of {data_size(train_loader.hashed_bytes + val_loader.hashed_bytes)} of shards "
                f"against manifest.json in {time.time() - started:.1f}s (not again while they are unchanged)")
     check_ranks_agree(config_to_dict(config), train_loader.manifest_shards)  # a difference: an error, not a hang
     hellaswag = hellaswag_examples(config, info)
@@ -191,12 +191,17 @@ def train(config, info, argv=()):
     raw_model = GPT(model_config(config))
     if config.init_from:
         load_gpt2_folder(raw_model, config)
+    seed_rank_streams(config.seed, info.rank)  # from here each rank its own: dropout masks differ across ranks
     raw_model.to(info.device)
     model, eval_model = wrap_model(raw_model, config, info)  # ddp, or fsdp: raw_model's weights become shards
     optimizers = make_optimizers(config, raw_model, device_type)
     # resume: weights, optimizers, loader position and counters from a checkpoint (config.resume), or start fresh
     checkpoints = Checkpointer(config, info, raw_model, optimizers, train_loader)
     start_step = checkpoints.resume()
+    if checkpoints.resumed_config:  # a changed schedule moves the lr at once: say from what to what
+        jump = lr_jump_warning(checkpoints.resumed_config, config_to_dict(config), start_step)
+        if jump:
+            print0(jump)
 
     if info.is_master:
         os.makedirs(config.out_dir, exist_ok=True)
@@ -221,11 +226,12 @@ def train(config, info, argv=()):
         last_step = step == config.max_steps
         stopping = stop.requested(step)
         saving = checkpoints.due(step, final=last_step or stopping)
-        evaluating = config.eval_iters > 0 and (step % config.eval_interval == 0 or last_step)
+        evaluating = config.eval_iters != 0 and (step % config.eval_interval == 0 or last_step)
         if saving or evaluating:
             guard.check(logger)  # the saved count of NaN/inf steps is complete
             window_start = None  # the time spent here is no training step's
-        counters = {"nonfinite_steps": guard.total, "wandb_run_id": logger.wandb_run_id}  # what a checkpoint keeps
+        counters = {"nonfinite_steps": guard.total, "wandb_run_id": logger.wandb_run_id,  # what a checkpoint keeps
+                    "run_seconds": checkpoints.run_seconds + time.time() - started}
         if saving:
             checkpoints.save(step, final=last_step or stopping, counters=counters)
         if stopping:
@@ -244,7 +250,8 @@ def train(config, info, argv=()):
                 # sequence dynamic, and the training graph compiled after it would keep them for the whole run
                 scores = evaluate_hellaswag(raw_model, hellaswag, encode, config.block_size, info.device, info.rank,
                                             info.world_size, lambda: autocast_context(device_type))
-                print0(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f}")
+                print0(f"step {step:5d} | hellaswag acc_norm {scores['hellaswag_acc_norm']:.4f} | "
+                       f"acc_per_token {scores['hellaswag_acc_per_token']:.4f}")
                 logger.log({"step": step, **scores})
             checkpoints.update_best(step, val_loss, counters=counters)
         if last_step:
@@ -266,7 +273,10 @@ def train(config, info, argv=()):
                         **progress.at(step, dt)})
     stop.close()
     stopped_by = (stop.received or "a signal on another rank") if stopping else None
-    for line in run_summary(config, argv, time.time() - started, step, stopped_by, can_sample=config.sample_tokens > 0):
+    this_process = time.time() - started
+    for line in run_summary(config, argv, checkpoints.run_seconds + this_process, step, stopped_by,
+                            can_sample=config.sample_tokens > 0,
+                            this_process=this_process if checkpoints.run_seconds else None):
         print0(line)
     if checkpoints.timeline_note:
         print0(f"  {checkpoints.timeline_note}")  # a rollback: where the older timeline's files went
@@ -328,7 +338,7 @@ def main(argv=None):
                     train(config, info, argv)
                 barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
-        teardown_distributed()
+        end_of_run()  # the process group stays: a second main() in this process reuses it
     return 0
 
 

@@ -238,11 +238,10 @@ class DataLoader:
             self._perm_cache[key] = rng.permutation(self.windows_per_shard[shard]).astype(np.int32)
         return self._perm_cache[key]
 
-    def _read(self, position):
-        """This rank's (x, y) at `position` of the stream, int64 on the CPU (pinned when bound for a GPU)."""
-        first = position + self.rank * self.batch_size
+    def _host_rows(self, indices):
+        """(x, y) of the windows `indices` of the stream, int64 on the CPU."""
         rows, touched = [], set()
-        for index in range(first, first + self.batch_size):
+        for index in indices:
             shard, start = self._window_start(index)
             touched.add(shard)
             rows.append((shard, start))
@@ -254,8 +253,12 @@ class DataLoader:
             raise DataError(f"the data in '{os.path.dirname(self.paths[0])}' holds token id {int(buf.max())}, beyond "
                             f"--vocab_size={self.vocab_size}: raise vocab_size to the tokenizer's (50304 for GPT-2).")
         # int64 conversion in numpy, one thread: torch's parallel copy stalls when the cores are busy training
-        x = torch.from_numpy(buf[:, :-1].astype(np.int64))
-        y = torch.from_numpy(buf[:, 1:].astype(np.int64))
+        return torch.from_numpy(buf[:, :-1].astype(np.int64)), torch.from_numpy(buf[:, 1:].astype(np.int64))
+
+    def _read(self, position):
+        """This rank's (x, y) at `position` of the stream, int64 on the CPU (pinned when bound for a GPU)."""
+        first = position + self.rank * self.batch_size
+        x, y = self._host_rows(range(first, first + self.batch_size))
         if self.device.type != "cuda":
             return x.to(self.device), y.to(self.device)
         if self._copy_stream is None:
@@ -294,9 +297,21 @@ class DataLoader:
                             f"what was checked. Restore it (python data/prepare.py), then continue with "
                             f"--resume=auto from the last checkpoint.")
 
-    def rewind(self):
-        """Back to the first window: each evaluation reads the same val windows."""
-        self.position = 0
+    def spread_windows(self, count=None):
+        """`count` window indices spaced evenly over the first epoch (all of them when count is None or
+        larger): a fixed sample of the whole split, not of its start."""
+        if count is None or count >= self.windows_per_epoch:
+            return np.arange(self.windows_per_epoch)
+        return np.arange(count) * self.windows_per_epoch // count
+
+    def windows(self, indices, rows):
+        """(x, y) of the windows `indices` (at most `rows`) on the device, padded to `rows` rows whose targets
+        are -1 (ignored by the loss): every call has the same shapes, for torch.compile and fsdp's collectives."""
+        x = torch.zeros((rows, self.block_size), dtype=torch.long)
+        y = torch.full((rows, self.block_size), -1, dtype=torch.long)
+        if len(indices):
+            x[:len(indices)], y[:len(indices)] = self._host_rows(indices)
+        return x.to(self.device), y.to(self.device)
 
     def state_dict(self):
         return {"position": self.position, "seed": self.seed, "shuffle": self.shuffle, "shards": self.names,

@@ -1,8 +1,10 @@
 """What a resolved config implies before anything runs (`python train.py ... --dry_run`): parameters, FLOPs,
-GPU memory per process under ddp and fsdp, the largest batch that fits, the time per step at a given MFU.
+and for the device the run would use: on a GPU the memory per process under ddp and fsdp, the largest batch
+that fits and the time per step at a given MFU; on a CPU the memory against the RAM available.
 """
 
 import copy
+import os
 
 import torch
 
@@ -17,7 +19,7 @@ def meta_model(gpt_config):
         return GPT(gpt_config)
 
 
-def memory_estimate(config, n_params, bf16=True, shards=1, gathered_params=0):
+def memory_estimate(config, n_params, bf16=True, shards=1, gathered_params=0, device_type="cuda"):
     """Bytes of GPU memory per process: fp32 weights, gradients, optimizer state, activations of one micro-batch.
 
     shards: processes that FSDP spreads weights, gradients and optimizer state over (1: ddp, every process
@@ -31,7 +33,7 @@ def memory_estimate(config, n_params, bf16=True, shards=1, gathered_params=0):
     """
     B, T, C, V = config.batch_size, config.block_size, config.n_embd, config.vocab_size
     value_scale = 1 if bf16 else 2
-    rows = rows_per_chunk(B * T, V, torch.device("cuda"))
+    rows = rows_per_chunk(B * T, V, torch.device(device_type))
     # adamw keeps two fp32 moments per parameter; muon keeps one momentum on most, so this is an upper bound
     return {
         "weights": 4 * n_params / shards,
@@ -59,8 +61,51 @@ def gib(n_bytes):
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
+def device_kind(requested):
+    """cuda, mps or cpu: the kind of device --device would give on this machine (auto: the best one here)."""
+    if requested != "auto":
+        return requested.split(":")[0]
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+
+
+def available_ram():
+    """Bytes of memory available to new processes on this machine (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def host_lines(config, n_params, kind, world_size):
+    """A CPU (or MPS) run: its memory in float32 against the RAM available, and no guessed time per step."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # the processes sharing this machine's RAM
+    memory = memory_estimate(config, n_params, bf16=False, device_type=kind)
+    total = sum(memory.values()) * processes
+    ram = available_ram()
+    against = f"{gib(ram)} RAM available now" if ram is not None else "RAM available unknown"
+    lines = [f"{kind.upper()} memory per process (this run, estimate, float32): "
+             + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
+             + f", total {gib(sum(memory.values()))}; {processes} process{'es' if processes > 1 else ''} on this "
+             f"machine: {gib(total)} of {against}"]
+    if ram is not None and total > ram:
+        lines.append(f"warning: the estimate ({gib(total)}) is more than the RAM available ({gib(ram)}): lower "
+                     f"--batch_size (gradient accumulation keeps the tokens per step)")
+    lines.append(f"time per step on this {kind.upper()}: not estimated (no known peak FLOP/s): measure it with "
+                 f"python scripts/bench.py and this run's config and flags (--device=cuda --dry_run gives GPU "
+                 f"estimates)")
+    return lines
+
+
 def dry_run_report(config, gpt_config, grad_accum_steps, world_size=1):
-    """The lines --dry_run prints: what the resolved config implies, without data, device or training."""
+    """The lines --dry_run prints: what the resolved config implies, without data or training."""
     model = meta_model(gpt_config)
     n_params = model.num_params()
     per_token = model_flops_per_token(model)
@@ -77,6 +122,9 @@ def dry_run_report(config, gpt_config, grad_accum_steps, world_size=1):
         f"FLOPs per token: {per_token:.4g} | FLOPs per step: {per_token * tokens_per_step:.4g} | "
         f"total FLOPs: {per_token * tokens_per_step * config.max_steps:.4g}",
     ]
+    kind = device_kind(config.device)
+    if kind != "cuda":
+        return lines + host_lines(config, n_params, kind, world_size)
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     for parallel, arguments in sharding.items():
         memory = memory_estimate(config, n_params, **arguments)

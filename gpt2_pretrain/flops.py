@@ -1,13 +1,13 @@
 """Throughput arithmetic: training FLOPs per token, device peaks and model FLOPs utilization (MFU).
 
-MFU = achieved model FLOP/s / the device's dense bf16 peak, with training FLOPs per token
-6N + 12*n_layer*n_embd*block_size (model.flops_per_token, nanoGPT's convention, N excluding the
-position embedding as nanoGPT counts it). On CPU there is no honest peak, so MFU is None ("n/a").
+MFU = achieved model FLOP/s / the device's dense bf16 peak. Training FLOPs per token count the matmuls
+and attention only, forward and backward, as torch's FlopCounterMode does: 6 * (the weights of the
+matmuls) + 12 * n_layer * n_embd * block_size. The embeddings are lookups, not matmuls, so an untied
+token embedding adds nothing; layer norms, biases and GELU are elementwise and left out.
+On CPU there is no honest peak, so MFU is None ("n/a").
 """
 
 import torch
-
-from model import flops_per_token
 
 # dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets.
 # matched in order against torch.cuda.get_device_name(), so the more specific names come first.
@@ -40,9 +40,21 @@ def device_peak_flops(device, override=0.0):
     return peak_flops_for(torch.cuda.get_device_name(torch.device(device)))
 
 
+def flops_per_token(config):
+    """Training FLOPs per token (forward + backward) of a GPTConfig: 2 FLOPs a multiply-add forward, 4 backward."""
+    C, L = config.n_embd, config.n_layer
+    # per block: c_attn C x 3C, attn.c_proj C x C, c_fc C x 4C, mlp.c_proj 4C x C; then lm_head C x V
+    matmul_weights = L * 12 * C * C + C * config.vocab_size
+    # attention scores q @ k^T and their use on v: 2 * 2 * T * C forward per token and layer, over the
+    # whole T x T square as nanoGPT and FlopCounterMode count it (a causal kernel skips about half), twice
+    # that backward
+    attention = L * 12 * config.block_size * C
+    return 6 * matmul_weights + attention
+
+
 def model_flops_per_token(model):
-    """Training FLOPs per token of a GPT (forward + backward)."""
-    return flops_per_token(model.config, model.num_params(non_embedding=True))
+    """Training FLOPs per token of a GPT (forward + backward): step line, W&B, bench.py and --dry_run."""
+    return flops_per_token(model.config)
 
 
 def mfu(flops_per_token_value, tokens_per_sec, peak_flops, world_size=1):

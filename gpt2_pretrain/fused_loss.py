@@ -4,11 +4,13 @@ Plain `F.cross_entropy(lm_head(x).float(), targets)` holds the (B*T, V) logits, 
 the softmax gradient at once: about 5 GB for GPT-2 124M at batch 8 x 1024, 13 GB per float32 copy at
 batch 64. Here each chunk of rows gets its logits, its loss and the gradient of both inputs (x and the
 lm_head weight) in the forward pass, and the chunk's logits are freed before the next one; backward only
-scales the stored gradients. Same arithmetic as the plain loss: logits in the autocast dtype (bf16 on
-GPUs), softmax in float32, the softmax over every column of the padded vocabulary, -1 targets ignored.
+scales the stored gradients. Under no_grad (evaluation) only the loss is computed. Same arithmetic as the
+plain loss: logits in the autocast dtype (bf16 on GPUs), softmax in float32, the softmax over every column
+of the padded vocabulary, -1 targets ignored.
 """
 
 import torch
+import torch.nn.functional as F
 
 # float32 logits kept per chunk: 2**28 elements is 1 GiB (5,300 rows of GPT-2's 50304 columns) on a GPU;
 # 2**26 (1,024 rows, 256 MiB) on a CPU, where chunks of fewer rows make the lm_head matmuls slower
@@ -62,28 +64,32 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean over valid rows of cross_entropy(x @ weight.T, targets); x (N, C), weight (V, C), targets (N,)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype):
+    def forward(ctx, x, weight, targets, dtype, grad_enabled):
         ctx.weight_dtype = weight.dtype
         with torch.autocast(x.device.type, enabled=False):  # the dtypes below are chosen by hand
-            return LinearCrossEntropy._forward(ctx, x, weight, targets, dtype)
+            return LinearCrossEntropy._forward(ctx, x, weight, targets, dtype, grad_enabled)
 
     @staticmethod
-    def _forward(ctx, x, weight, targets, dtype):
+    def _forward(ctx, x, weight, targets, dtype, grad_enabled):
         n_valid = (targets != -1).sum()
         x_c, weight_c = x.to(dtype), weight.to(dtype)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad is true for a Parameter even under no_grad: the caller's grad mode decides
+        want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         grad_x = torch.empty_like(x) if want_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad and ctx.needs_input_grad[1] else None
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
         step = rows_per_chunk(x.size(0), weight.size(0), x.device)
         for start in range(0, x.size(0), step):
             valid = (targets[start:start + step] != -1)[:, None]
             x_chunk = x_c[start:start + step]
             logits = x_chunk @ weight_c.t()  # (rows, V): the only logits alive at once
+            if not want_grad:
+                loss_sum += F.cross_entropy(logits.float(), targets[start:start + step], ignore_index=-1,
+                                            reduction="sum")
+                continue
             chunk_loss, grad_logits = chunk_loss_and_grad(logits, targets[start:start + step])
             loss_sum += chunk_loss
-            if want_grad:
-                grad_x[start:start + step] = (grad_logits @ weight_c) * valid
+            grad_x[start:start + step] = (grad_logits @ weight_c) * valid
             if grad_weight is not None:
                 x_valid = x_chunk * valid
                 if grad_logits.dtype == torch.float32:
@@ -103,10 +109,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         factor = grad_output * scale
         grad_x = grad_x * factor.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = (grad_weight * factor).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, None, None
+        return grad_x, grad_weight, None, None, None
 
 
 def linear_cross_entropy(x, weight, targets):  # torch.compile traces into it: one graph with the model
     """Loss of lm_head(x) (no bias) against targets (-1 = ignore) without materializing all the logits."""
     x = x.reshape(-1, x.size(-1))
-    return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), compute_dtype(x))
+    return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), compute_dtype(x), torch.is_grad_enabled())

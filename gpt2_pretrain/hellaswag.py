@@ -1,7 +1,9 @@
 """HellaSwag: pick, for each context, the ending the model finds most likely.
 
-    acc      the ending with the lowest summed token loss
-    acc_norm the ending with the lowest mean token loss (the number GPT-2 reproductions report)
+    acc            the ending with the lowest summed token loss
+    acc_norm       the lowest summed loss per character of the ending: lm-evaluation-harness's acc_norm
+                   (its loglikelihood / len(choice), the ending's text without the space before it)
+    acc_per_token  the lowest mean token loss: what build-nanogpt and GPT-2 reproductions call acc_norm
 
 Only the ending's tokens are scored, after the context. Examples are split across ranks (example i on
 rank i % world_size) and the counts all-reduced. Every rank runs the same number of forwards (a sharded
@@ -108,6 +110,11 @@ def render(example, encode, length):
     return tokens, mask
 
 
+def ending_chars(example):
+    """The character length of each ending, lm-eval's normaliser (len of the choice, without the delimiter)."""
+    return [len(ending) for ending in example["endings"]]
+
+
 @torch.no_grad()
 def ending_losses(model, tokens, mask):
     """Summed and mean token loss of each ending (rows of tokens, scored where mask is 1)."""
@@ -125,10 +132,10 @@ def distributed():
 def reduce_scores(counts):
     if distributed():
         dist.all_reduce(counts)
-    correct_sum, correct_mean, examples = counts.tolist()
+    correct_sum, correct_per_char, correct_mean, examples = counts.tolist()
     total = max(examples, 1)
-    return {"hellaswag_acc": correct_sum / total, "hellaswag_acc_norm": correct_mean / total,
-            "hellaswag_examples": int(examples)}
+    return {"hellaswag_acc": correct_sum / total, "hellaswag_acc_norm": correct_per_char / total,
+            "hellaswag_acc_per_token": correct_mean / total, "hellaswag_examples": int(examples)}
 
 
 def most_over_ranks(number, device):
@@ -143,7 +150,7 @@ def most_over_ranks(number, device):
 def evaluate_hellaswag_per_example(model, examples, encode, length, device, rank=0, world_size=1,
                                    autocast=nullcontext):
     """The reference: each example alone, padded to `length` (slow: for tests and scripts/bench_hellaswag.py)."""
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct (sum), correct (mean), examples
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # correct (sum, per char, mean), examples
     was_training = model.training
     model.eval()
     for example in examples[rank::world_size]:
@@ -151,15 +158,16 @@ def evaluate_hellaswag_per_example(model, examples, encode, length, device, rank
         with autocast():
             summed, mean = ending_losses(model, tokens.to(device), mask.to(device))
         label = int(example["label"])
-        counts += torch.tensor([int(summed.argmin()) == label, int(mean.argmin()) == label, 1],
-                               dtype=torch.float64, device=device)
+        per_char = summed / torch.tensor(ending_chars(example), dtype=summed.dtype, device=device)
+        counts += torch.tensor([int(summed.argmin()) == label, int(per_char.argmin()) == label,
+                                int(mean.argmin()) == label, 1], dtype=torch.float64, device=device)
     model.train(was_training)
     return reduce_scores(counts)
 
 
 def batches(examples, encode, length, batch_tokens):
-    """(tokens (R, L), flat positions whose next token is scored, their rows, labels (R / 4,)) per forward,
-    shortest first.
+    """(tokens (R, L), flat positions whose next token is scored, their rows, each row's ending length in
+    characters (R,), labels (R / 4,)) per forward, shortest first.
 
     L is the longest row of the batch rounded up to 64 (at most `length`); R = 4 * the batch's examples, at
     most 4 * max(1, batch_tokens // (4 * L))."""
@@ -178,22 +186,25 @@ def batches(examples, encode, length, batch_tokens):
             fill(tokens[4 * k: 4 * k + 4], mask[4 * k: 4 * k + 4], *rendered[i])
         rows, columns = mask[:, 1:].nonzero().unbind(1)  # position (row, c) predicts the token at c + 1
         labels = torch.tensor([int(examples[i]["label"]) for i in chosen])
-        yield tokens, rows * L + columns, rows, labels
+        chars = torch.tensor([n for i in chosen for n in ending_chars(examples[i])], dtype=torch.float64)
+        yield tokens, rows * L + columns, rows, chars, labels
 
 
 @torch.no_grad()
 def evaluate_hellaswag(model, examples, encode, length, device, rank=0, world_size=1, autocast=nullcontext,
                        batch_tokens=8192):
-    """{'hellaswag_acc', 'hellaswag_acc_norm', 'hellaswag_examples'} over all examples, all ranks together.
+    """{'hellaswag_acc', 'hellaswag_acc_norm', 'hellaswag_acc_per_token', 'hellaswag_examples'} over all
+    examples, all ranks together.
 
     batch_tokens bounds a forward's rows * length (its logits are batch_tokens * vocab_size)."""
     plan = list(batches(examples[rank::world_size], encode, length, batch_tokens))
     forwards = most_over_ranks(len(plan), device)  # the one host sync before the end
-    correct = torch.zeros(2, dtype=torch.float64, device=device)  # correct (sum), correct (mean)
+    correct = torch.zeros(3, dtype=torch.float64, device=device)  # correct (sum, per char, mean)
     was_training = model.training
     model.eval()
-    for tokens, positions, rows, labels in plan:
-        tokens, positions, rows, labels = (t.to(device, non_blocking=True) for t in (tokens, positions, rows, labels))
+    for tokens, positions, rows, chars, labels in plan:
+        tokens, positions, rows, chars, labels = (t.to(device, non_blocking=True)
+                                                  for t in (tokens, positions, rows, chars, labels))
         with autocast():
             logits, _ = model(tokens)  # (R, L, V)
         # the loss of the scored positions only: the same per-token cross-entropy as the full (R, L-1, V) one
@@ -204,8 +215,9 @@ def evaluate_hellaswag(model, examples, encode, length, device, rank=0, world_si
             0, rows, torch.ones_like(losses))
         mean = summed / scored.clamp(min=1)  # a row whose only ending token is its first: none scored
         correct_sum = (summed.view(-1, 4).argmin(dim=1) == labels).sum()
+        correct_per_char = ((summed.double() / chars).view(-1, 4).argmin(dim=1) == labels).sum()
         correct_mean = (mean.view(-1, 4).argmin(dim=1) == labels).sum()
-        correct += torch.stack([correct_sum, correct_mean]).double()
+        correct += torch.stack([correct_sum, correct_per_char, correct_mean]).double()
     for _ in range(forwards - len(plan)):  # the other ranks' collectives, on a one-token row that counts nothing
         with autocast():
             model(torch.zeros((1, 1), dtype=torch.long, device=device))

@@ -97,6 +97,14 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def data_size(n_bytes):
+    """812 kB, 3.4 MB, 20.1 GB: small data does not read as 0.00 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes / 1e3:.0f} kB"
+
+
 def format_line(metrics, max_steps=None):
     step = f"step {metrics['step']:5d}" + (f"/{max_steps}" if max_steps else "")
     parts = [step, f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.4e}",
@@ -238,19 +246,22 @@ def val_losses(out_dir):
     return found
 
 
-def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=True):
-    """The lines a run ends with: what it did, where its files are, and commands to go on from there."""
+def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=True, this_process=None):
+    """The lines a run ends with: what it did, where its files are, and commands to go on from there.
+    wall_seconds: the run's time over every process up to here; this_process: this process's part, when less."""
     out_dir, python = config.out_dir, python_command()
     where = shlex.quote(out_dir)
     how = f"stopped by {stopped_by}" if stopped_by else "finished"
-    lines = [f"run {how} at step {step}/{config.max_steps} in {duration(wall_seconds)}",
+    part = f" ({duration(this_process)} of it in this process)" if this_process is not None else ""
+    lines = [f"run {how} at step {step}/{config.max_steps} in {duration(wall_seconds)}{part}",
              f"  tokens seen: {step * config.total_batch_size:,} ({step:,} steps of {config.total_batch_size:,})"]
     vals, checkpoints = val_losses(out_dir), list_checkpoints(out_dir)
     if vals:
         best_step, best = min(vals, key=lambda v: (v[1], v[0]))
         kept = [path for s, path in checkpoints if s == best_step]
         best_where = f", {kept[-1]}" if kept else ", no checkpoint kept at that step"
-        lines.append(f"  val loss: final {vals[-1][1]:.4f} (step {vals[-1][0]}), best {best:.4f} "
+        last = "last" if stopped_by else "final"  # a stopped run has more to come
+        lines.append(f"  val loss: {last} {vals[-1][1]:.4f} (step {vals[-1][0]}), best {best:.4f} "
                      f"(step {best_step}{best_where})")
     lines.append(f"  out_dir: {out_dir}")
     newest = next((path for _, path in checkpoints if os.path.basename(path).startswith("ckpt_")), None)
@@ -271,16 +282,20 @@ def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=Tr
         f"--out {shlex.quote(os.path.join(out_dir, 'loss.png'))}",
         f"  export:   {python} {script('scripts', 'export_hf.py')} {shlex.quote(newest)} "
         f"{shlex.quote(os.path.join(out_dir, 'hf'))}",
-        # a stopped run goes on to its own max_steps; a finished one trains as long again
+        # a stopped run goes on to its own max_steps; a finished one (or one resumed past it) trains as long again
         "  continue: " + " ".join([launcher, *map(shlex.quote, kept_args), "--resume=auto",
-                                   f"--max_steps={config.max_steps if stopped_by else 2 * config.max_steps}"]),
+                                   f"--max_steps={config.max_steps if stopped_by else step + config.max_steps}"]),
     ]
+    if not stopped_by:
+        lines.append("            (the cosine is stretched to the new max_steps: the lr rises from min_lr at once; "
+                     "the resumed run prints it before and after)")
     return lines
 
 
 WANDB_NAMES = {"loss": "train/loss", "grad_norm": "train/grad_norm", "lr": "train/lr",
                "tokens_per_sec": "train/tokens_per_sec", "mfu": "train/mfu", "val_loss": "val/loss",
-               "hellaswag_acc_norm": "hellaswag/acc_norm", "hellaswag_acc": "hellaswag/acc"}
+               "hellaswag_acc_norm": "hellaswag/acc_norm", "hellaswag_acc": "hellaswag/acc",
+               "hellaswag_acc_per_token": "hellaswag/acc_per_token"}
 
 
 def wandb_keys(metrics):

@@ -1,4 +1,5 @@
-"""HellaSwag acc and acc_norm of a checkpoint or a local GPT-2 folder.
+"""HellaSwag acc, acc_norm (lm-eval's, per character) and acc_per_token (build-nanogpt's acc_norm) of a
+checkpoint or a local GPT-2 folder.
 
     python scripts/eval.py out/gpt2_124m/ckpt_019073.pt
     python scripts/eval.py out/gpt2_xl/ckpt_010000.dcp                   # a sharded (fsdp) checkpoint
@@ -78,6 +79,7 @@ def main(argv=None):
         teardown_distributed()
     if info.is_master:
         print(f"hellaswag: acc {scores['hellaswag_acc']:.4f} | acc_norm {scores['hellaswag_acc_norm']:.4f} | "
+              f"acc_per_token {scores['hellaswag_acc_per_token']:.4f} | "
               f"examples {scores['hellaswag_examples']}")
     return 0
 

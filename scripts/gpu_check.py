@@ -1,5 +1,6 @@
 """Check the GPU path in one call: the GPU tests, GPT-2 124M benchmarks, a short real run with a resume,
-HellaSwag speed and the machine, in at most 8 minutes, written to one report (markdown and JSON).
+ddp against fsdp's mixed precision, HellaSwag speed and the machine, in at most 8 min 40 s, written to one
+report (markdown and JSON).
 
     python scripts/gpu_check.py --out out/gpu_check        # on one GPU (make gpu-check runs this)
     python scripts/gpu_check.py --tiny --out /tmp/check    # every part on CPU with a tiny model
@@ -14,6 +15,7 @@ torch, numpy, tiktoken and safetensors only: wandb and datasets are not used.
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt2_pretrain.flops import format_mfu  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL_SECONDS = 480  # the whole check on one H200: the budgets below sum to 468, the rest is this script's own
+TOTAL_SECONDS = 520  # the whole check on one H200: the budgets below sum to 508, the rest is this script's own
 BENCH_RUNS = [("adamw", "ddp", 60), ("muon", "ddp", 35), ("adamw", "fsdp", 60), ("muon", "fsdp", 35)]
 # the first compile of a graph (adamw ddp, adamw fsdp) is cold; muon reuses it from inductor's cache
 SIZES = {
@@ -42,14 +44,16 @@ SIZES = {
                 bench_steps=3, bench_warmup=2, run_total_batch_size=65536, learning_rate=6e-4, warmup_steps=5,
                 max_steps=20, resume_steps=30, eval_iters=2, sample_tokens=16, loss_drop=1.0, examples=128,
                 rounds=3, hellaswag_model=["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--block_size", "1024"],
-                val_tokens=100_000, plays=None, workers=8, bench_extra=[]),
+                val_tokens=100_000, plays=None, workers=8, bench_extra=[], precision_batch_size=16,
+                precision_total_batch_size=16384, precision_max_loss_gap=0.1),
     "tiny": dict(device="cpu", compile=False, model=["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64"],
                  bench_total_batch_size=256, bench_steps=2, bench_warmup=1, run_total_batch_size=256,
                  learning_rate=3e-3, warmup_steps=2, max_steps=10, resume_steps=12, eval_iters=1, sample_tokens=4,
                  loss_drop=0.3, examples=4, rounds=1,
                  hellaswag_model=["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64"],
                  val_tokens=5_000, plays=["comedy_of_errors.txt", "cymbeline.txt"], workers=1,
-                 bench_extra=["--vocab_size=128"]),
+                 bench_extra=["--vocab_size=128"], precision_batch_size=4, precision_total_batch_size=256,
+                 precision_max_loss_gap=0.1),
 }
 TINY_BUDGET = 600  # seconds per part in --tiny mode: a cap for a CPU shared with other work (no compilation)
 HELLASWAG_WORDS = ("a man woman child dog is are runs walks jumps throws catches the ball into water kitchen table "
@@ -220,6 +224,25 @@ def parse_resume(output, check):
             "steps": len(losses) - expected}
 
 
+PRECISION_STEPS = 20  # ddp against fsdp: steps of each
+
+
+def parse_precision(output, check, parallel):
+    """The run's losses (finite, PRECISION_STEPS of them); fsdp's also against ddp's, step by step."""
+    losses = [loss for _, loss in train_losses(read_metrics(os.path.join(check.work, f"precision_{parallel}")))]
+    if len(losses) != PRECISION_STEPS or not all(math.isfinite(loss) for loss in losses):
+        raise ValueError(f"expected {PRECISION_STEPS} finite train losses, got {losses}")
+    results = {"losses": losses}
+    if parallel == "fsdp":
+        ddp = check.parts["precision_ddp"]["results"]["losses"]
+        gaps = [abs(a - b) for a, b in zip(ddp, losses)]
+        results.update(ddp_losses=ddp, max_loss_gap=max(gaps), last_loss_gap=losses[-1] - ddp[-1])
+        if max(gaps) > check.size["precision_max_loss_gap"]:
+            raise ValueError(f"fsdp's loss is {max(gaps):.4f} from ddp's at some step (more than "
+                             f"{check.size['precision_max_loss_gap']}): see docs/distributed.md#mixed-precision")
+    return results
+
+
 def plan(check):
     """[(name, budget seconds, prerequisite parts, command, parse)] in running order."""
     s, python = check.size, sys.executable
@@ -237,7 +260,8 @@ def plan(check):
         ("prepare", 15, [], [python, "data/prepare.py", "--source", source, "--out", check.tokens, "--val_tokens",
                              str(s["val_tokens"]), "--workers", str(s["workers"])], parse_prepare),
         ("dry_run", 10, ["prepare"], [python, "train.py", *check.train_args(*bench_batch, f"--data_dir={check.tokens}",
-                                                                          "--dry_run")], parse_dry_run),
+                                                                          "--dry_run", "--device=cuda")],
+         parse_dry_run),  # --device=cuda: the GPU estimates, also in --tiny on a CPU
         ("hellaswag", 25, [], [python, "scripts/bench_hellaswag.py", "--hellaswag_path", check.hellaswag_path,
                                "--examples", str(s["examples"]), "--rounds", str(s["rounds"]), "--device", s["device"],
                                *s["hellaswag_model"], "--json"], parse_json),
@@ -259,7 +283,35 @@ def plan(check):
     parts.append(("run", 85, ["prepare"], [python, "train.py", *run, f"--max_steps={s['max_steps']}"], parse_run))
     parts.append(("resume", 45, ["run"], [python, "train.py", *run, f"--max_steps={s['resume_steps']}",
                                           "--resume=auto"], parse_resume))
+    # the same steps from the same weights under ddp (fp32 weights, bf16 autocast) and fsdp (bf16 weights
+    # gathered, fp32 reduction), uncompiled: what the mixed-precision difference does to the loss
+    for parallel, needs in (("ddp", ["prepare"]), ("fsdp", ["precision_ddp"])):
+        precision = check.train_args(
+            f"--batch_size={s['precision_batch_size']}", f"--total_batch_size={s['precision_total_batch_size']}",
+            f"--data_dir={check.tokens}", f"--out_dir={os.path.join(check.work, f'precision_{parallel}')}",
+            f"--learning_rate={s['learning_rate']}", f"--min_lr={s['learning_rate'] / 10:g}",
+            f"--warmup_steps={s['warmup_steps']}", f"--max_steps={PRECISION_STEPS}", "--eval_iters=0",
+            f"--checkpoint_interval={PRECISION_STEPS}", "--keep_last=1", "--sample_tokens=0", "--compile=False",
+            f"--parallel={parallel}")
+        parts.append((f"precision_{parallel}", 20, needs, [python, "train.py", *precision],
+                      lambda output, check, parallel=parallel: parse_precision(output, check, parallel)))
     return parts
+
+
+def missing_module(name):
+    """Why `name` cannot be imported in this Python, or None when it can."""
+    try:
+        return None if importlib.util.find_spec(name) is not None else f"No module named {name!r}"
+    except ImportError as e:  # a finder that refuses it
+        return str(e)
+
+
+def cannot_run(name):
+    """Why a part cannot start in this Python (a module it needs is missing), or None."""
+    if name == "test_cuda" and missing_module("pytest"):
+        return (f"pytest is not installed in this Python ({sys.executable}): pip install pytest, or run "
+                f"make gpu-check, whose venv has it")
+    return None
 
 
 def run_part(check, name, budget, command, parse, timeout, log):
@@ -367,6 +419,13 @@ def markdown(report):
         r = parts["resume"]["results"]
         lines.append(f"- resume: from step {r['resumed_at']}, loss there {r['loss_at_resume']:.3f}, {r['steps']} more "
                      f"steps to loss {r['last_loss']:.3f}")
+    if "results" in parts.get("precision_fsdp", {}):
+        r = parts["precision_fsdp"]["results"]
+        lines += ["", "## ddp against fsdp (mixed precision)", "", f"{PRECISION_STEPS} steps of each from the same "
+                  f"weights and batches: largest loss gap {r['max_loss_gap']:.4f}, fsdp - ddp at the last step "
+                  f"{r['last_loss_gap']:+.4f}", "", "| step | ddp loss | fsdp loss |", "|---|---|---|"]
+        lines += [f"| {step} | {a:.4f} | {b:.4f} |" for step, (a, b) in enumerate(zip(r["ddp_losses"], r["losses"]))
+                  if step % 5 == 0 or step == PRECISION_STEPS - 1]
     if "results" in parts.get("hellaswag", {}):
         h = parts["hellaswag"]["results"]
         lines += ["", "## HellaSwag throughput", "", f"{h['examples']} examples on {h['device']}: batched "
@@ -416,7 +475,10 @@ def main(argv=None):
             later = sum(part[1] for part in parts[index + 1:])
             timeout = min(deadline - time.time(), max(budget, deadline - time.time() - later))
             missing = [need for need in needs if check.parts.get(need, {}).get("status") not in ("passed", None)]
-            if missing or timeout <= 1:
+            if cannot_run(name):
+                record = {"name": name, "budget_seconds": budget, "status": "failed", "detail": cannot_run(name),
+                          "command": " ".join(command)}
+            elif missing or timeout <= 1:
                 reason = f"needs {', '.join(missing)}, which did not pass" if missing else "no time left"
                 record = {"name": name, "budget_seconds": budget, "status": "skipped", "detail": reason,
                           "command": " ".join(command)}

@@ -1,5 +1,5 @@
-"""Run `python train.py ARGS` (train.main) under torchrun for each ARGS list in a JSON file (the tests give
-one: after a run's teardown, a second run in the same processes lost contact between ranks).
+"""Run `python train.py ARGS` (train.main) under torchrun for each ARGS list in a JSON file, one after another
+in the same processes (the later runs reuse the first one's process group).
 TEST_PG_TIMEOUT (seconds) replaces the 300 s process-group timeout, so a rank stuck in a collective fails
 the launch within it."""
 

@@ -14,6 +14,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# one compute thread a process: `make test` runs two pytest workers, and most tests start processes of their
+# own (torchrun ranks), so a process that took every core would only fight the others for them. Set before
+# torch starts its thread pool here, and inherited by every subprocess a test starts
+os.environ["OMP_NUM_THREADS"] = "1"
+
 from data.shards import write_shard  # noqa: E402
 
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32"]
@@ -22,6 +27,12 @@ TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32"]
 # (the last flag wins)
 SMALL_VOCAB = "--vocab_size=128"
 FULL_VOCAB = "--vocab_size=50304"
+
+
+def pytest_collection_modifyitems(items):
+    """The `slow` tests (processes of their own, tens of seconds) first: spread over the workers from the
+    start, the quick ones then fill the gaps, and no long test is left to run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def make_token_shards(data_dir, n_train_shards=2, train_tokens=6000, val_tokens=3000, seed=0):

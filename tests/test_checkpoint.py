@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import train
-from scripts import sample
 from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints, try_load
 from gpt2_pretrain.distributed import DistInfo
 from model import GPT, GPTConfig
+from scripts import sample
 from tests.conftest import FULL_VOCAB, make_token_shards, read_metrics, run_python, tiny_args
 
 
@@ -295,3 +295,35 @@ def test_a_checkpoint_written_before_checksums_and_data_digests_still_resumes(to
     capsys.readouterr()
     run(token_dir, out, "--max_steps=3")
     assert f"resumed from {path} at step 2" in capsys.readouterr().out
+
+
+def test_a_best_checkpoint_that_could_not_be_written_is_not_the_best(tmp_path, monkeypatch, capsys):
+    """Disk full at the val loss 1.0 of step 2: no best_000002.pt, so 1.5 at step 4 is still a new best (the
+    best on disk), and its file is written once the disk has room."""
+    from gpt2_pretrain.checkpoint import checkpointer
+
+    config = train.load_config(tiny_args(str(tmp_path / "data"), str(tmp_path / "out")))
+    os.makedirs(config.out_dir)
+    model = GPT(train.model_config(config))
+    optimizers = train.make_optimizers(config, model, "cpu", log=lambda *args, **kwargs: None)
+
+    class Loader:
+        manifest_digest = "sha256 of the data"  # kept in each checkpoint: a run is its data
+
+        def state_dict(self):
+            return {"position": 0}
+
+    checkpoints = Checkpointer(config, DistInfo(), model, optimizers, Loader())
+    counters = {"nonfinite_steps": 0, "wandb_run_id": None}
+
+    def disk_full(obj, path):
+        raise OSError(28, "No space left on device", path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointer, "atomic_save", disk_full)
+        checkpoints.update_best(2, 1.0, counters)
+    assert "warning:" in capsys.readouterr().out
+    assert checkpoints.best_val_loss == math.inf and not os.listdir(config.out_dir)
+    checkpoints.update_best(4, 1.5, counters)
+    assert checkpoints.best_val_loss == 1.5 and os.listdir(config.out_dir) == ["best_000004.pt"]
+    assert torch.load(os.path.join(config.out_dir, "best_000004.pt"), weights_only=True)["best_val_loss"] == 1.5

@@ -34,6 +34,9 @@ def test_two_processes_match_one_process(token_dir, tmp_path):
     for name in reference:
         assert torch.equal(rank0[name], rank1[name]), name  # ranks never drift apart
         torch.testing.assert_close(rank0[name], reference[name], rtol=1e-4, atol=1e-6)
+    # the same initial weights (above), but each rank its own random streams, each saved for its resume
+    ranks = torch.load(os.path.join(runs[2], "ckpt_000003.pt"), weights_only=True)["ranks"]
+    assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
 
 
 @pytest.mark.parametrize("mode", ["raise", "kill"])

@@ -4,8 +4,10 @@ ranks hold unequal shares: real torchrun, gloo, CPU.
 A rank that skips a forward the others run hangs a sharded model (each forward is a collective, the weight
 all-gather) until the process-group timeout. The commands come from the files (the `# run:` lines of the
 config headers, the README's torchrun lines), so a newly documented one is run too, with the model shrunk
-by flags but batch_size, eval_iters, hellaswag and parallel as documented. Each runs in a torchrun launch
-of its own, with a process-group timeout of PG_TIMEOUT seconds: a hang fails the test then, not at 300 s."""
+by flags but batch_size, eval_iters, hellaswag and parallel as documented. The commands of one world size
+run one after another in one torchrun launch (train.main called again in the same processes, as a sweep
+or a notebook does), with a process-group timeout of PG_TIMEOUT seconds: a hang fails the test then, not at
+300 s."""
 
 import glob
 import json
@@ -117,10 +119,9 @@ def launched(tmp_path_factory):
     runs.setdefault(2, []).append(("uneven", tiny_args(data_dir, uneven_out, "--parallel=fsdp",
                                                        *uneven)))
     for processes, listed in sorted(runs.items()):
-        for number, (_, args) in enumerate(listed):
-            # one launch a command: train.main after another's teardown in the same processes lost contact
-            # between ranks (a 124M ddp run, then the XL fsdp one)
-            launch(processes, [args], str(tmp), f"{processes}_{number}")
+        # every command of one world size in one launch: train.main runs again in the same processes, on the
+        # same process group (at 8 ranks a 124M ddp run, then the XL fsdp one)
+        launch(processes, [args for _, args in listed], str(tmp), str(processes))
     documented = [(where, args) for listed in runs.values() for where, args in listed if where != "uneven"]
     return {"documented": documented, "uneven": (uneven_out, tiny_args(data_dir, str(tmp / "one"), *uneven))}
 

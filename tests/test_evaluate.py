@@ -43,15 +43,36 @@ def test_scores_match_transformers(tmp_path):
     keys = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "tie_embeddings": True}
     export_hf(ours.state_dict(), keys, str(tmp_path / "hf"))
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
-    expected_acc = expected_acc_norm = 0
+    expected_acc = expected_acc_norm = expected_acc_per_token = 0
     for example in EXAMPLES:
         summed, mean = reference_scores(hf, example)
+        # lm-eval's acc_norm: argmax of loglikelihood / len(choice), the choice's characters
+        per_char = [summed[i] / len(example["endings"][i]) for i in range(4)]
         expected_acc += int(min(range(4), key=summed.__getitem__) == example["label"])
-        expected_acc_norm += int(min(range(4), key=mean.__getitem__) == example["label"])
+        expected_acc_norm += int(min(range(4), key=per_char.__getitem__) == example["label"])
+        expected_acc_per_token += int(min(range(4), key=mean.__getitem__) == example["label"])
     scores = evaluate_hellaswag(ours, load_examples(write_examples(tmp_path / "hs.jsonl")), encode, 64, "cpu")
     assert scores["hellaswag_examples"] == 3
     assert scores["hellaswag_acc"] == pytest.approx(expected_acc / 3)
     assert scores["hellaswag_acc_norm"] == pytest.approx(expected_acc_norm / 3)
+    assert scores["hellaswag_acc_per_token"] == pytest.approx(expected_acc_per_token / 3)
+
+
+def test_acc_norm_divides_by_characters_as_lm_eval_and_acc_per_token_by_tokens():
+    """Each example labelled with the ending lm-eval's acc_norm would pick (summed loss / len(ending), from
+    the transformers-checked per-example losses), on examples where that differs from the lowest mean token
+    loss for some: acc_norm is then 1 and acc_per_token is not."""
+    model, examples = tiny_model(128), varied_examples(seed=1)
+    labelled, disagree = [], 0
+    for example in examples:
+        summed, mean = ending_losses(model, *render(example, encode, 128))
+        per_char = [summed[i].item() / len(example["endings"][i]) for i in range(4)]
+        label = min(range(4), key=per_char.__getitem__)
+        disagree += int(label != int(mean.argmin()))
+        labelled.append(dict(example, label=label))
+    assert disagree  # the two normalisations choose differently on this set
+    scores = evaluate_hellaswag(model, labelled, encode, 128, "cpu", batch_tokens=512)
+    assert scores["hellaswag_acc_norm"] == 1.0 and scores["hellaswag_acc_per_token"] < 1.0
 
 
 def varied_examples(context_words=(5, 20, 45, 70, 100, 160), seed=0):
@@ -68,12 +89,12 @@ def varied_examples(context_words=(5, 20, 45, 70, 100, 160), seed=0):
 
 def test_batched_scores_equal_the_per_example_ones():
     """Labels set to the per-example reference's choice: the batched scorer must agree on every example, for
-    the summed (acc) and the mean (acc_norm) loss alike, in batches of several lengths with filler rows."""
+    the summed (acc) and the mean (acc_per_token) loss alike, in batches of several lengths with filler rows."""
     model, examples = tiny_model(128), varied_examples()
     reference = [ending_losses(model, *render(example, encode, 128)) for example in examples]  # (summed, mean)
     longest = [len(encode(e["ctx"])) + max(len(encode(" " + x)) for x in e["endings"]) for e in examples]
     assert min(longest) <= 64 < sorted(longest)[len(longest) // 2] <= 128 < max(longest)  # 64, 128, truncated
-    for which, key in ((0, "hellaswag_acc"), (1, "hellaswag_acc_norm")):
+    for which, key in ((0, "hellaswag_acc"), (1, "hellaswag_acc_per_token")):
         labelled = [dict(e, label=int(losses[which].argmin())) for e, losses in zip(examples, reference)]
         for batch_tokens in (512, 1024):  # 1-4 examples a batch, the last of a length with fewer
             scores = evaluate_hellaswag(model, labelled, encode, 128, "cpu", batch_tokens=batch_tokens)
@@ -160,8 +181,8 @@ def test_torchrun_downloads_hellaswag_once_and_every_rank_scores_it(tmp_path):
     assert requested == ["/hellaswag_val.jsonl"]
     assert path.read_bytes() == body and os.listdir(path.parent) == [path.name]
     expected = evaluate_hellaswag(model, EXAMPLES, encode, 64, "cpu")
-    assert (f"acc {expected['hellaswag_acc']:.4f} | acc_norm {expected['hellaswag_acc_norm']:.4f} | examples 3"
-            in result.stdout), result.stdout
+    assert (f"acc {expected['hellaswag_acc']:.4f} | acc_norm {expected['hellaswag_acc_norm']:.4f} | acc_per_token "
+            f"{expected['hellaswag_acc_per_token']:.4f} | examples 3" in result.stdout), result.stdout
 
 
 def test_training_logs_hellaswag_at_each_evaluation(token_dir, tmp_path):

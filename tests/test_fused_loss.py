@@ -68,3 +68,20 @@ def test_compiled_model_gives_the_same_loss():
     _, eager = model(idx, targets)
     _, compiled = torch.compile(model)(idx, targets)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_no_grad_computes_the_loss_only():
+    """Under no_grad (evaluation) the loss costs the logits' matmul alone: no gradient of x or of the
+    lm_head weight, a Parameter, is built. Counted by torch's FlopCounterMode, not by our own arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    generator = torch.Generator().manual_seed(0)
+    rows, channels, vocab = 64, 16, 300
+    x = torch.randn(rows, channels, generator=generator, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, channels, generator=generator))
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[::5] = -1
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss = linear_cross_entropy(x, weight, targets)
+    assert counter.get_total_flops() == 2 * rows * channels * vocab  # the logits, nothing else
+    torch.testing.assert_close(loss, reference(x, weight, targets).detach(), rtol=1e-5, atol=1e-6)

@@ -21,7 +21,7 @@ BLOCKER = """import sys
 
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("wandb", "datasets"):
+        if name.split(".")[0] in {BLOCKED}:
             raise ImportError(f"No module named {name!r} (blocked for this test)")
         return None
 
@@ -29,7 +29,7 @@ class Blocked:
 sys.meta_path.insert(0, Blocked())
 """
 PARTS = ["environment", "prepare", "dry_run", "hellaswag", "test_cuda", "bench_adamw_ddp", "bench_muon_ddp",
-         "bench_adamw_fsdp", "bench_muon_fsdp", "run", "resume"]
+         "bench_adamw_fsdp", "bench_muon_fsdp", "run", "resume", "precision_ddp", "precision_fsdp"]
 
 
 def load_gpu_check():
@@ -37,6 +37,14 @@ def load_gpu_check():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def blocking_env(tmp_path, modules):
+    """Environment for a Python (and its children) in which `modules` cannot be imported."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER.replace("{BLOCKED}", repr(tuple(modules))))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
 
 
 def cuda_test_names():
@@ -47,10 +55,7 @@ def cuda_test_names():
 
 @pytest.mark.slow
 def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    env = blocking_env(tmp_path, ["wandb", "datasets"])
     check = run_python(["-c", "import wandb"], env=env)
     assert check.returncode != 0 and "blocked for this test" in check.stderr
     out = tmp_path / "report"
@@ -86,9 +91,14 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
     run, resume = parts["run"]["results"], parts["resume"]["results"]
     assert run["last_loss"] < run["first_loss"] and run["hellaswag_acc_norm"] and run["val_loss"]
     assert resume["resumed_at"] == 10 and resume["steps"] == 2
+    precision = parts["precision_fsdp"]["results"]
+    assert precision["ddp_losses"] == parts["precision_ddp"]["results"]["losses"] and len(precision["losses"]) == 20
+    # on a CPU both keep float32 weights (no bf16 policy): only the order of a few float32 sums differs
+    assert precision["max_loss_gap"] < 1e-3
 
     markdown = (out / "gpu_check.md").read_text()
-    for heading in ("## tests/test_cuda.py", "## scripts/bench.py", "## Real run and resume", "## HellaSwag throughput"):
+    for heading in ("## tests/test_cuda.py", "## scripts/bench.py", "## Real run and resume", "## HellaSwag throughput",
+                    "## ddp against fsdp (mixed precision)"):
         assert heading in markdown
     assert "torch " + torch.__version__ in markdown and "all parts passed" in markdown
     log = (out / "gpu_check.log").read_text()
@@ -125,3 +135,16 @@ def test_unknown_part_and_missing_out_are_one_error_line(tmp_path):
         result = subprocess.run([sys.executable, "scripts/gpu_check.py", *args], cwd=ROOT, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow  # starts Python processes that import torch
+def test_a_python_without_pytest_gets_one_line_in_the_report(tmp_path):
+    out = tmp_path / "report"
+    result = run_python(["scripts/gpu_check.py", "--tiny", "--parts", "test_cuda", "--out", str(out)],
+                        env=blocking_env(tmp_path, ["pytest"]), timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    parts = {part["name"]: part for part in json.loads((out / "gpu_check.json").read_text())["parts"]}
+    assert parts["environment"]["status"] == "passed"  # the rest of the check still runs
+    assert parts["test_cuda"]["status"] == "failed"
+    assert parts["test_cuda"]["detail"].startswith("pytest is not installed in this Python")
+    assert "pytest is not installed" in (out / "gpu_check.md").read_text()

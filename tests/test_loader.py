@@ -98,7 +98,7 @@ def test_setting_the_position_discards_the_batch_read_ahead(numbered_dir):
     loader = DataLoader(numbered_dir, "train", 4, BLOCK, seed=5)
     first = [window_ids(loader.next_batch()[0]) for _ in range(3)]
     assert loader.state_dict()["position"] == 12  # the batch read ahead is not counted
-    loader.position = 0  # as evaluate() rewinds the val loader
+    loader.position = 0  # as load_state_dict() sets it on resume
     assert [window_ids(loader.next_batch()[0]) for _ in range(3)] == first
 
 

@@ -5,6 +5,7 @@ nodes under --parallel=fsdp, whose ranks all write into out_dir, are refused at 
 """
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -96,3 +97,27 @@ def test_fsdp_nodes_without_a_shared_out_dir_are_refused_at_start(tmp_path):
     assert not os.path.exists(os.path.join(nodes[0], "out"))
     assert not os.path.exists(os.path.join(nodes[1], "out"))
     print(f"refused in {took:.1f}s")  # well inside the 300 s a rank would wait for a lost peer
+
+
+def test_a_sharded_resume_path_only_rank_0_sees_is_one_error_on_every_rank(tmp_path):
+    """--resume=PATH to a .dcp folder outside out_dir, relative to each node's working folder: node 0 has it,
+    node 1 not. Every rank reads its own shards, so every rank stops with one error line, not a hang."""
+    source = str(tmp_path / "source")
+    make_token_shards(str(tmp_path / "tokens"))
+    code, output = finish(start([sys.executable, "train.py", *tiny_args(str(tmp_path / "tokens"), source,
+                                                                        "--max_steps=2", "--parallel=fsdp")]))
+    assert code == 0, output
+    nodes = [str(tmp_path / f"node{rank}") for rank in (0, 1)]
+    for node in nodes:
+        make_token_shards(os.path.join(node, "data"))
+    shutil.copytree(os.path.join(source, "ckpt_000002.dcp"), os.path.join(nodes[0], "saved", "ckpt_000002.dcp"))
+    shared_out = str(tmp_path / "shared_out")  # absolute: both nodes see it, as fsdp needs
+    started = time.time()
+    outputs = [finish(run, timeout=120) for run in start_nodes(nodes, extra=[
+        "--parallel=fsdp", f"--out_dir={shared_out}", "--resume=saved/ckpt_000002.dcp"])]
+    took = time.time() - started
+    assert all(code != 0 for code, _ in outputs), outputs
+    both = outputs[0][1] + outputs[1][1]
+    assert both.count("error: ") == 1 and 'train.py", line' not in both, outputs
+    assert ("error: --resume=saved/ckpt_000002.dcp: rank 1 cannot read this sharded checkpoint" in outputs[0][1])
+    assert took < 90, f"{took:.0f} s: the ranks waited for each other"  # a hang would last the 300 s timeout

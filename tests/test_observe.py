@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from gpt2_pretrain.checkpoint.checksum import with_checksum
 from gpt2_pretrain.dry_run import meta_model
 from gpt2_pretrain.flops import device_peak_flops, mfu, model_flops_per_token, peak_flops_for
 from model import GPT
@@ -20,12 +21,31 @@ from tests.conftest import FULL_VOCAB, ROOT, TINY_MODEL, read_metrics, run_pytho
 
 
 def hand_flops_per_token(n_layer, n_embd, block_size, vocab_size):
-    """6N + 12*L*C*T, with N counted by hand: token embedding, blocks and the final LayerNorm (no wpe)."""
-    per_block = (2 * 2 * n_embd  # two LayerNorms
-                 + n_embd * 3 * n_embd + 3 * n_embd + n_embd * n_embd + n_embd  # attention
-                 + n_embd * 4 * n_embd + 4 * n_embd + 4 * n_embd * n_embd + n_embd)  # mlp
-    n_params = vocab_size * n_embd + n_layer * per_block + 2 * n_embd
-    return 6 * n_params + 12 * n_layer * n_embd * block_size
+    """6N + 12*L*C*T, with N the matmul weights counted by hand: the blocks' four and lm_head."""
+    per_block = n_embd * 3 * n_embd + n_embd * n_embd + n_embd * 4 * n_embd + 4 * n_embd * n_embd
+    n_weights = n_layer * per_block + n_embd * vocab_size
+    return 6 * n_weights + 12 * n_layer * n_embd * block_size
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_flops_per_token_match_torch_flop_counter(tied):
+    """Forward + backward of a model, its logits in full (the chunked loss does the same matmuls, but one of
+    them in place, addmm_, which FlopCounterMode does not see), attention on the math kernel (the CPU's
+    fused kernel is not counted): FlopCounterMode's count against ours, tied head or not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import GPTConfig
+
+    config = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64, tie_embeddings=tied)
+    torch.manual_seed(0)
+    model = GPT(config)
+    idx = torch.randint(0, 256, (2, 64))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        logits, _ = model(idx)
+        torch.nn.functional.cross_entropy(logits.view(-1, 256), idx.view(-1)).backward()
+    # 2%: the issue's bound; both count matmuls only (no layer norms, biases, softmax), so they agree exactly here
+    assert model_flops_per_token(model) == pytest.approx(counter.get_total_flops() / idx.numel(), rel=0.02)
 
 
 @pytest.mark.parametrize("device_name, peak", [
@@ -154,6 +174,49 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def test_a_resumed_run_counts_the_time_before_and_names_a_max_steps_behind_it(token_dir, tmp_path, capsys,
+                                                                             one_thread):
+    out = str(tmp_path / "run")
+    capsys.readouterr()
+    train.main(tiny_args(token_dir, out, "--max_steps=2"))
+    printed = capsys.readouterr().out
+    shards = sum(os.path.getsize(os.path.join(token_dir, n)) for n in os.listdir(token_dir) if n.endswith(".npy"))
+    assert f"checked the sha256 of {shards / 1e3:.0f} kB of shards" in printed  # not "0.00 GB"
+    path = os.path.join(out, "ckpt_000002.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert 0 < checkpoint["run_seconds"] < 600
+    checkpoint["run_seconds"] = 3600.0  # as if the first process had run an hour
+    torch.save(with_checksum(checkpoint), path)  # its checksum too: a checkpoint changed otherwise is unusable
+    train.main(tiny_args(token_dir, out, "--max_steps=4"))
+    printed = capsys.readouterr().out
+    assert re.search(r"run finished at step 4/4 in 1h00m \(\d+s of it in this process\)", printed)
+    # continuing the finished run stretches the cosine: at step 2 the lr was min_lr (1e-4) and is now the peak
+    # (1e-3, the cosine's start after 2 warmup steps), as the resumed run's step line logs it
+    assert ("warning: resume at step 2: the learning rate was 1.000e-04 on the checkpoint's schedule and is "
+            "1.000e-03 on this one (max_steps 2 -> 4)") in printed
+    assert next(m["lr"] for m in read_metrics(out) if m.get("step") == 2 and "lr" in m) == pytest.approx(1e-3)
+    train.main(tiny_args(token_dir, out, "--max_steps=2"))
+    printed = capsys.readouterr().out
+    assert "the checkpoint is at step 4, past --max_steps=2: nothing to train; give --max_steps above 4" in printed
+    assert "max_steps=2: raise" not in printed
+    assert summary_command(printed, "continue")[-1] == "--max_steps=6"  # past step 4: it trains (2 * 2 would not)
+
+
+def test_settings_the_optimizer_ignores_are_named(token_dir, capsys):
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--optimizer=muon", "--weight_decay=0.2", "--beta1=0.8")
+    assert code == 0 and "warning: --optimizer=muon ignores weight_decay=0.2, beta1=0.8 (set away from" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--matrix_lr=0.05")
+    assert code == 0 and "warning: --optimizer=adamw ignores matrix_lr=0.05 (set away from" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--optimizer=muon", "--matrix_lr=0.05")
+    assert code == 0 and "ignores" not in out
+
+
+def test_data_sizes_read_in_their_own_unit():
+    from gpt2_pretrain.logging import data_size
+
+    assert [data_size(n) for n in (30_240, 3_400_000, 20_100_000_000)] == ["30 kB", "3.4 MB", "20.1 GB"]
+
+
 @pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
 def test_step_lines_show_progress_and_the_run_ends_with_a_summary_whose_commands_run(token_dir, tmp_path, capsys,
                                                                                      one_thread):
@@ -226,6 +289,7 @@ def test_a_run_stopped_by_a_signal_ends_with_the_summary(token_dir, tmp_path, ca
     printed = capsys.readouterr().out
     summary = printed[printed.index("run stopped by SIGTERM at step 2/50 in "):]
     assert "tokens seen: 512 (2 steps of 256)" in summary
+    assert "val loss: last " in summary and "val loss: final" not in summary  # a stopped run has more to come
     assert summary_command(summary, "continue")[-2:] == ["--resume=auto", "--max_steps=50"]  # its own end
     assert summary_command(summary, "export")[2] == f"{out}/ckpt_000002.pt"
 
@@ -239,3 +303,18 @@ def test_bench_prints_tokens_per_second_on_a_tiny_config(tmp_path):
     assert match and int(match.group(1).replace(",", "")) > 0, result.stdout
     bad = run_python(["scripts/bench.py", "--batch_sise=4"])
     assert bad.returncode == 2 and "Did you mean 'batch_size'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dry_run_on_a_cpu_speaks_of_the_cpu(token_dir, capsys, monkeypatch):
+    """--device=cpu: memory against this machine's RAM and no GPU times; --device=cuda: the GPU estimates."""
+    from gpt2_pretrain import dry_run as dry_run_module
+
+    monkeypatch.setattr(dry_run_module, "available_ram", lambda: 2**20)  # 1 MiB free: less than any model needs
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--device=cpu")
+    assert code == 0 and "H100" not in out and "A100" not in out and "GPU memory" not in out
+    assert re.search(r"CPU memory per process .* total [\d.]+ GiB; 1 process on this machine: [\d.]+ GiB of "
+                     r"0.00 GiB RAM available now", out)
+    assert "warning: the estimate" in out and "more than the RAM available" in out
+    assert "time per step on this CPU: not estimated" in out and "scripts/bench.py" in out
+    code, out, _ = dry_run(capsys, f"--data_dir={token_dir}", "--device=cuda")
+    assert code == 0 and "time per step at 45% MFU on 1x H100" in out and "CPU memory" not in out

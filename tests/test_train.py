@@ -151,3 +151,65 @@ def test_samples_are_drawn_without_dropout():
     reference.load_state_dict(model.state_dict())
     assert train.generate_sample(model, config, "cpu", 3) == train.generate_sample(reference, config, "cpu", 3)
     assert model.training
+
+
+class TargetMean(torch.nn.Module):
+    """Stands in for the model: its 'loss' is the mean target id (nan with none), so a val loss is the mean
+    of the evaluated targets, which numpy can compute from the shard itself."""
+
+    def forward(self, x, y):
+        return None, y[y != -1].double().mean()
+
+
+@pytest.mark.parametrize("eval_iters", [-1, 2])
+def test_val_loss_spreads_over_the_whole_split(tmp_path, eval_iters):
+    """Val ids rise from start to end, so the first windows alone would give a low mean. -1 evaluates every
+    window; 2 x 4 evaluates 8 spread evenly (window i * W // 8); both the same for 1 or 2 ranks and any batch."""
+    from data.loader import DataLoader
+    from data.shards import write_shard
+    from gpt2_pretrain.distributed import DistInfo
+
+    block, n = 16, 3000
+    data_dir = make_token_shards(str(tmp_path / "tokens"))
+    ids = (np.arange(n) * 60 // n).astype(np.uint16)
+    with open(os.path.join(data_dir, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["shards"][0] = dict(write_shard(data_dir, "tiny_val_000000.npy", ids), split="val")
+    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    n_windows = (n - 1) // block  # a window is block + 1 tokens, never past the shard's end
+    targets = np.stack([ids[w * block + 1:w * block + block + 1] for w in range(n_windows)]).astype(np.float64)
+    chosen = range(n_windows) if eval_iters == -1 else [i * n_windows // 8 for i in range(8)]
+    expected = targets[list(chosen)].mean()
+    for batch_size in ([3, 4] if eval_iters == -1 else [4]):
+        config = train.load_config([f"--block_size={block}", f"--batch_size={batch_size}", "--total_batch_size=48",
+                                    f"--eval_iters={eval_iters}", "--vocab_size=128", "--sample_tokens=0"])
+        for world_size in (1, 2):
+            parts = [train.evaluate(TargetMean(), DataLoader(data_dir, "val", batch_size, block, rank, world_size,
+                                                             shuffle=False), config,
+                                    DistInfo(rank=rank, world_size=world_size))
+                     for rank in range(world_size)]  # without a process group each rank returns its share
+            # 1e-12: float64 sums of the same numbers in another order
+            assert sum(parts) == pytest.approx(expected, rel=1e-12)
+    if eval_iters == 2:  # a fair sample of the whole: within half a stride of the ramp (3.75 ids) of its mean
+        assert abs(expected - targets.mean()) < 4 and targets[:8].mean() < 2
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_the_same_initial_weights():
+    """train.py's order: seed, build the model, then seed_rank_streams. Ranks 0 and 1 get equal weights and
+    different dropout masks, and rank 0's masks are not the draws the weights were made from."""
+    from gpt2_pretrain.distributed import seed_rank_streams
+    from model import GPT, GPTConfig
+
+    weights, masks = [], []
+    for rank in (0, 1):
+        torch.manual_seed(1337)
+        model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16, dropout=0.5))
+        seed_rank_streams(1337, rank)
+        weights.append(model.state_dict())
+        masks.append(model.transformer.drop(torch.ones(1000)) == 0)
+    torch.manual_seed(1337)
+    after_seed = torch.nn.functional.dropout(torch.ones(1000), 0.5) == 0  # the stream the weights came from
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], after_seed)

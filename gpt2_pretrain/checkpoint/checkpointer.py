@@ -27,8 +27,8 @@ from gpt2_pretrain.checkpoint.checksum import with_checksum
 from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, clean_state_dict, compare_configs, latest_valid,
                                             list_checkpoints, load_checkpoint, load_optimizer_state, newer_elsewhere,
                                             rng_state, set_aside, set_rng_state, trim_metrics, try_load)
-from gpt2_pretrain.checkpoint.sharded import (SHARDED, link_copy, load_sharded, save_sharded, training_state,
-                                              weights_finite)
+from gpt2_pretrain.checkpoint.sharded import (SHARDED, is_sharded_checkpoint, link_copy, load_sharded,
+                                              ranks_that_cannot_read, save_sharded, training_state, weights_finite)
 from gpt2_pretrain.distributed import print0
 from gpt2_pretrain.errors import failed_save_message
 
@@ -44,6 +44,8 @@ class Checkpointer:
         self.best_val_loss = math.inf
         self.wandb_run_id = None  # the resumed run's W&B id (the logger continues it), None when fresh
         self.nonfinite_steps = 0  # the resumed run's count of skipped NaN/inf steps
+        self.run_seconds = 0.0  # the resumed run's time up to its checkpoint, over the processes before this one
+        self.resumed_config = None  # the resumed checkpoint's config, as a dict
         self.start_step = 0
         self.last_saved = None  # (step, path) of the newest checkpoint written or resumed from
         self.start_path = None  # the checkpoint this run resumed from: never pruned by it
@@ -66,9 +68,9 @@ class Checkpointer:
                 "resume from another checkpoint with --resume=PATH, or start over on purpose with "
                 "--resume=never (the unusable files are then moved into a set_aside/ folder of out_dir, not "
                 "deleted)"))
-        if not os.path.exists(config.resume):
-            raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never or "
-                              f"a path).")
+        if not (os.path.isfile(config.resume) or is_sharded_checkpoint(config.resume)):
+            raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never "
+                              f"or a path).")
         checkpoint, problem = try_load(config.resume)
         if checkpoint is None:
             raise ConfigError(f"checkpoint {config.resume} is unusable ({problem}).")
@@ -100,6 +102,7 @@ class Checkpointer:
             for change in compare_configs(checkpoint["config"], self.config):
                 print0(f"resume: config changed since the checkpoint, {change}")
             if checkpoint["model"] == SHARDED:
+                self._check_every_rank_reads(path)
                 load_sharded(path, self.model, self.optimizers, load_optimizer_state)
             elif self.sharded:
                 raise ConfigError(f"checkpoint {path} is from a --parallel=ddp run: resume it with --parallel=ddp.")
@@ -118,13 +121,18 @@ class Checkpointer:
             self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
             self.wandb_run_id = checkpoint.get("wandb_run_id")
             self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+            self.run_seconds = checkpoint.get("run_seconds", 0.0)
+            self.resumed_config = checkpoint["config"]
             self.last_saved = (self.start_step, path)
             self.start_path = path
             if self.info.is_master:
                 self._known_usable(path)  # checked by try_load just now: pruning need not read it again
             print0(f"resumed from {path} at step {self.start_step}")
-            if self.start_step >= self.config.max_steps:
+            if self.start_step == self.config.max_steps:
                 print0(f"the checkpoint is at max_steps={self.config.max_steps}: raise --max_steps to train on")
+            elif self.start_step > self.config.max_steps:
+                print0(f"the checkpoint is at step {self.start_step}, past --max_steps={self.config.max_steps}: "
+                       f"nothing to train; give --max_steps above {self.start_step} to train on")
         if self.info.is_master:
             self._new_timeline(path)
         return self.start_step
@@ -159,6 +167,16 @@ class Checkpointer:
             f.write(json.dumps({"step": self.start_step, "new_timeline": {
                 "resumed_from": path, "set_aside": folder, "newest_set_aside": newest}}) + "\n")
 
+    def _check_every_rank_reads(self, path):
+        """A sharded checkpoint is read by every rank: one outside out_dir (--resume=PATH) may be on rank 0's
+        node only, which check_shared_out_dir does not cover. Every rank raises the same error then."""
+        blind = ranks_that_cannot_read(path) if self.info.ddp else []
+        if blind:
+            ranks = f"rank {blind[0]}" if len(blind) == 1 else f"ranks {', '.join(map(str, blind))}"
+            raise ConfigError(f"--resume={path}: {ranks} cannot read this sharded checkpoint, and every rank reads "
+                              f"its own shards: give a path every node sees (a shared filesystem), or copy the "
+                              f"folder to that path on every node.")
+
     def restore_rng(self):
         """Put back this rank's random states; call last before the loop so nothing draws from them first."""
         if self._rank_state is not None:
@@ -183,6 +201,7 @@ class Checkpointer:
             "best_val_loss": self.best_val_loss,
             "wandb_run_id": counters["wandb_run_id"],
             "nonfinite_steps": counters["nonfinite_steps"],
+            "run_seconds": counters.get("run_seconds", 0.0),
             "data": {"manifest_sha256": self.loader.manifest_digest, "data_dir": self.config.data_dir},
         }
 
@@ -244,7 +263,26 @@ class Checkpointer:
         self.last_saved = (step, path)
 
     def update_best(self, step, val_loss, counters):
-        """After an evaluation: a new best val loss gets best_STEP.pt (a hard link when ckpt_STEP.pt exists)."""
+        """After an evaluation: a new best val loss gets best_STEP.pt, and is the best only once that file is
+        there: after a failed write (a full disk) the previous best stays the one to beat."""
+        previous = self.best_val_loss
+        path = os.path.join(self.config.out_dir, f"best_{step:06d}{self.suffix}")
+        try:
+            self._write_best(step, val_loss, counters)
+        except OSError as e:  # rank 0 alone, linking or copying ckpt_STEP: no collective is left waiting
+            print0(f"warning: could not write {path} ({e}); training goes on")
+        if self.config.keep_best and self.best_val_loss != previous and not self._exists_on_rank0(path):
+            self.best_val_loss = previous
+
+    def _exists_on_rank0(self, path):
+        """Whether rank 0 sees `path` (only its node may hold out_dir), told to every rank."""
+        box = [os.path.exists(path) if self.info.is_master else None]
+        if self.info.ddp:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _write_best(self, step, val_loss, counters):
+        """Write best_STEP (a hard link when ckpt_STEP.pt exists) for a new best val loss."""
         if step == 0 or not val_loss < self.best_val_loss:
             return  # the random init is no checkpoint to keep
         self.best_val_loss = val_loss

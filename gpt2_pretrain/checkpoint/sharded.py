@@ -45,6 +45,15 @@ def read_meta(path):
     return torch.load(os.path.join(path, META), map_location="cpu", weights_only=True)
 
 
+def ranks_that_cannot_read(path):
+    """The ranks on which the sharded checkpoint folder `path` is missing or has no .metadata (every rank
+    calls it): each rank reads its own shards, so a folder only some nodes see would leave the others
+    waiting in the load's collectives."""
+    readable = [None] * dist.get_world_size()
+    dist.all_gather_object(readable, os.path.isfile(os.path.join(path, ".metadata")))
+    return [rank for rank, ok in enumerate(readable) if not ok]
+
+
 def weights_finite(model):
     """Whether every weight is finite, over all ranks' shards."""
     device = next(model.parameters()).device  # NCCL reduces device tensors only
