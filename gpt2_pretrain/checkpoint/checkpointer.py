@@ -24,9 +24,10 @@ import torch.distributed as dist
 from config import ConfigError, config_to_dict
 from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.checksum import with_checksum
-from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, clean_state_dict, compare_configs, latest_valid,
-                                            list_checkpoints, load_checkpoint, load_optimizer_state, newer_elsewhere,
-                                            rng_state, set_aside, set_rng_state, trim_metrics, try_load)
+from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, SET_ASIDE, clean_state_dict, compare_configs,
+                                            latest_valid, list_checkpoints, load_checkpoint, load_optimizer_state,
+                                            newer_elsewhere, rng_state, set_aside, set_rng_state, trim_metrics,
+                                            try_load)
 from gpt2_pretrain.checkpoint.sharded import (SHARDED, is_sharded_checkpoint, link_copy, load_sharded,
                                               ranks_that_cannot_read, save_sharded, training_state, weights_finite)
 from gpt2_pretrain.distributed import print0
@@ -71,6 +72,12 @@ class Checkpointer:
         if not (os.path.isfile(config.resume) or is_sharded_checkpoint(config.resume)):
             raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never "
                               f"or a path).")
+        aside = os.path.abspath(os.path.join(out_dir, SET_ASIDE))
+        if os.path.commonpath([os.path.abspath(config.resume), aside]) == aside:
+            # out_dir's checkpoints up to the rollback step belong to the new timeline: the two would mix
+            raise ConfigError(f"--resume={config.resume} is a set-aside timeline of {out_dir}, whose checkpoints "
+                              f"now belong to another one: continue it in a folder of its own, --resume="
+                              f"{config.resume} --out_dir=ANOTHER_FOLDER.")
         checkpoint, problem = try_load(config.resume)
         if checkpoint is None:
             raise ConfigError(f"checkpoint {config.resume} is unusable ({problem}).")
