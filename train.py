@@ -311,7 +311,7 @@ def removed_if_refused(out_dir, created):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
-        print(help_text())
+        print0(help_text())  # `--help | head` closes the pipe early: the rest is dropped, no traceback
         return 0
     try:
         config = load_config(argv)

@@ -91,6 +91,8 @@ def import_hf(folder, vocab_size=50304):
     """(model keys, state dict for our GPT) from a local GPT-2 folder (config.json + model.safetensors)."""
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"its config.json holds a {type(config).__name__}, not a JSON object")
     weights = load_file(os.path.join(folder, "model.safetensors"))
     tie = bool(config.get("tie_word_embeddings", True))
     model_keys = {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import train
-from scripts import sample
 from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import list_checkpoints, try_load
 from gpt2_pretrain.distributed import DistInfo
 from model import GPT, GPTConfig
+from scripts import sample
 from tests.conftest import FULL_VOCAB, make_token_shards, read_metrics, run_python, tiny_args
 
 
@@ -170,38 +170,6 @@ def test_resumed_run_continues_the_same_wandb_run(token_dir, tmp_path, wandb_env
     assert first["wandb_run_id"] and second["wandb_run_id"] == first["wandb_run_id"]
 
 
-def test_a_best_checkpoint_that_could_not_be_written_is_not_the_best(tmp_path, monkeypatch, capsys):
-    """Disk full at the val loss 1.0 of step 2: no best_000002.pt, so 1.5 at step 4 is still a new best (the
-    best on disk), and its file is written once the disk has room."""
-    from gpt2_pretrain.checkpoint import checkpointer
-
-    config = train.load_config(tiny_args(str(tmp_path / "data"), str(tmp_path / "out")))
-    os.makedirs(config.out_dir)
-    model = GPT(train.model_config(config))
-    optimizers = train.make_optimizers(config, model, "cpu", log=lambda *args, **kwargs: None)
-
-    class Loader:
-        manifest_digest = "0" * 64  # what a checkpoint records of its data
-
-        def state_dict(self):
-            return {"position": 0}
-
-    checkpoints = Checkpointer(config, DistInfo(), model, optimizers, Loader())
-    counters = {"nonfinite_steps": 0, "wandb_run_id": None}
-
-    def disk_full(obj, path):
-        raise OSError(28, "No space left on device", path)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(checkpointer, "atomic_save", disk_full)
-        checkpoints.update_best(2, 1.0, counters)
-    assert "warning:" in capsys.readouterr().out
-    assert checkpoints.best_val_loss == math.inf and not os.listdir(config.out_dir)
-    checkpoints.update_best(4, 1.5, counters)
-    assert checkpoints.best_val_loss == 1.5 and os.listdir(config.out_dir) == ["best_000004.pt"]
-    assert torch.load(os.path.join(config.out_dir, "best_000004.pt"), weights_only=True)["best_val_loss"] == 1.5
-
-
 def snapshot(out_dir):
     """{relative path: bytes} of every file under out_dir but the lock, which names the last run."""
     found = {}
@@ -316,3 +284,46 @@ def test_a_run_is_its_data(token_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(token_dir, tmp_path / "wider", "--max_steps=1", f"--init_from={latest}", "--n_embd=64")
     assert "holds another model shape: n_embd: 32 in the checkpoint, 64 requested" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_before_checksums_and_data_digests_still_resumes(token_dir, tmp_path, capsys):
+    out = run(token_dir, tmp_path / "run", "--max_steps=2")
+    path = os.path.join(out, "ckpt_000002.pt")
+    old = {k: v for k, v in torch.load(path, weights_only=True).items() if k not in ("checksum", "data")}
+    atomic_save(old, path)  # as the tool wrote it before: nothing to check it against
+    assert try_load(path)[1] is None
+    capsys.readouterr()
+    run(token_dir, out, "--max_steps=3")
+    assert f"resumed from {path} at step 2" in capsys.readouterr().out
+
+
+def test_a_best_checkpoint_that_could_not_be_written_is_not_the_best(tmp_path, monkeypatch, capsys):
+    """Disk full at the val loss 1.0 of step 2: no best_000002.pt, so 1.5 at step 4 is still a new best (the
+    best on disk), and its file is written once the disk has room."""
+    from gpt2_pretrain.checkpoint import checkpointer
+
+    config = train.load_config(tiny_args(str(tmp_path / "data"), str(tmp_path / "out")))
+    os.makedirs(config.out_dir)
+    model = GPT(train.model_config(config))
+    optimizers = train.make_optimizers(config, model, "cpu", log=lambda *args, **kwargs: None)
+
+    class Loader:
+        manifest_digest = "sha256 of the data"  # kept in each checkpoint: a run is its data
+
+        def state_dict(self):
+            return {"position": 0}
+
+    checkpoints = Checkpointer(config, DistInfo(), model, optimizers, Loader())
+    counters = {"nonfinite_steps": 0, "wandb_run_id": None}
+
+    def disk_full(obj, path):
+        raise OSError(28, "No space left on device", path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointer, "atomic_save", disk_full)
+        checkpoints.update_best(2, 1.0, counters)
+    assert "warning:" in capsys.readouterr().out
+    assert checkpoints.best_val_loss == math.inf and not os.listdir(config.out_dir)
+    checkpoints.update_best(4, 1.5, counters)
+    assert checkpoints.best_val_loss == 1.5 and os.listdir(config.out_dir) == ["best_000004.pt"]
+    assert torch.load(os.path.join(config.out_dir, "best_000004.pt"), weights_only=True)["best_val_loss"] == 1.5

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train
+from gpt2_pretrain import console
+from gpt2_pretrain.distributed import print0
 from tests.conftest import DELAY, RESUME_ARGS, ROOT, finish, read_metrics, start, tiny_args, wait_for
 
 
@@ -86,3 +88,19 @@ def test_a_console_log_on_a_full_disk_never_stops_the_run(token_dir, tmp_path, c
     train.main(tiny_args(token_dir, out, "--max_steps=2"))
     assert "run finished at step 2/2" in capsys.readouterr().out
     assert [m["step"] for m in read_metrics(out) if "loss" in m] == [0, 1]
+
+
+def test_print0_drops_lines_nobody_reads_and_the_copy_keeps_them(tmp_path, monkeypatch):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone, as after `| head -n 2`
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    console.begin()
+    try:
+        for number in range(3):
+            print0(f"line {number}")  # the old print0 raised BrokenPipeError here
+        console.copy_to(str(tmp_path / "console.log"))
+        print0("line 3")
+    finally:
+        console.end()
+        sys.stdout.close()
+    assert (tmp_path / "console.log").read_text() == "".join(f"line {n}\n" for n in range(4))

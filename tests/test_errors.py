@@ -171,7 +171,8 @@ FORMER_TRACEBACKS = [  # (program, its arguments with {data}/{out}, what is set 
     ("train", ["--hellaswag=true", "--hellaswag_path={out}/hs.jsonl", "--vocab_size=50304", "--out_dir={out}/new"],
      lambda d, o, m: write(f"{o}/hs.jsonl", "ctx, endings, label\n"), "{out}/hs.jsonl line 1 is not JSON ("),
     ("train", ["--init_from={out}/hf", "--out_dir={out}/new"], lambda d, o, m: gpt2_folder(f"{o}/hf", "[1, 2]"),
-     "init_from '{out}/hf' is not a GPT-2 folder that can be read (AttributeError: 'list' object "),
+     "init_from '{out}/hf' is not a GPT-2 folder that can be read (ValueError: its config.json holds a list, not "
+     "a JSON object)"),
     ("train", ["--init_from={out}/hf", "--out_dir={out}/new", "--n_layer=1", "--n_embd=16"],
      lambda d, o, m: gpt2_folder(f"{o}/hf"), "init_from '{out}/hf' has a vocabulary of 50257 tokens, more than "
                                              "--vocab_size=128: raise vocab_size to at least 50257"),

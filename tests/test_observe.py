@@ -186,7 +186,7 @@ def test_a_resumed_run_counts_the_time_before_and_names_a_max_steps_behind_it(to
     checkpoint = torch.load(path, weights_only=True)
     assert 0 < checkpoint["run_seconds"] < 600
     checkpoint["run_seconds"] = 3600.0  # as if the first process had run an hour
-    torch.save(with_checksum(checkpoint), path)  # a changed checkpoint with a stale checksum is refused
+    torch.save(with_checksum(checkpoint), path)  # its checksum too: a checkpoint changed otherwise is unusable
     train.main(tiny_args(token_dir, out, "--max_steps=4"))
     printed = capsys.readouterr().out
     assert re.search(r"run finished at step 4/4 in 1h00m \(\d+s of it in this process\)", printed)

@@ -4,6 +4,7 @@ a run that never had the old timeline, bit for bit."""
 
 import os
 
+import pytest
 import torch
 
 import train
@@ -45,6 +46,12 @@ def test_rollback_is_a_timeline_that_resume_auto_continues(token_dir, tmp_path, 
     assert read_metrics(aside) == [m for m in old_metrics if m["step"] >= 4]
     assert {"step": 4, "new_timeline": {"resumed_from": os.path.join(out, "ckpt_000004.pt"), "set_aside": aside,
                                         "newest_set_aside": 8}} in read_metrics(out)
+
+    # going back onto the set-aside timeline in this out_dir would mix the two: refused, nothing changed
+    before = sorted(os.listdir(out))
+    with pytest.raises(SystemExit):
+        run(token_dir, out, f"--resume={os.path.join(aside, 'ckpt_000008.pt')}")
+    assert "is a set-aside timeline of" in capsys.readouterr().err and sorted(os.listdir(out)) == before
 
     # the next plain --resume=auto goes on from the rollback's own step 6, not the old timeline's step 8
     capsys.readouterr()

@@ -2,8 +2,11 @@
 
 A checkpoint is one torch file of plain data, so `torch.load(weights_only=True)` reads it: model weights
 (names without torch.compile's or DDP's prefixes), optimizer states, step, the resolved config, each
-rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss and the W&B run id.
-Files in out_dir: ckpt_STEP.pt (the last keep_last of them) and best_STEP.pt (lowest val loss so far).
+rank's loader and RNG states (python, numpy, torch CPU, CUDA), best val loss, the W&B run id, the digest
+of the data manifest (a run is its data) and a checksum of all of it (checksum.py).
+Files in out_dir: ckpt_STEP.pt (the last keep_last usable ones) and best_STEP.pt (lowest val loss so far);
+set_aside/TIME_step_S/ holds what a resume at step S moved out of the way (the checkpoints after S of an
+older timeline, or broken files skipped, with their metrics records), never deleted.
 A sharded run (--parallel=fsdp) writes folders ckpt_STEP.dcp/ and best_STEP.dcp/ instead, each rank its own
 shards (sharded.py). Reading, listing and checking checkpoint files: files.py.
 A checkpoint at step s holds the state before step s's evaluation and update (best_val_loss included),
@@ -21,11 +24,12 @@ import torch.distributed as dist
 from config import ConfigError, config_to_dict
 from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.checksum import with_checksum
-from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, clean_state_dict, compare_configs, latest_valid,
-                                            list_checkpoints, load_checkpoint, load_optimizer_state, newer_elsewhere,
-                                            rng_state, set_aside, set_rng_state, trim_metrics, try_load)
-from gpt2_pretrain.checkpoint.sharded import (SHARDED, link_copy, load_sharded, ranks_that_cannot_read, save_sharded,
-                                              training_state, weights_finite)
+from gpt2_pretrain.checkpoint.files import (CHECKPOINT_NAME, SET_ASIDE, clean_state_dict, compare_configs,
+                                            latest_valid, list_checkpoints, load_checkpoint, load_optimizer_state,
+                                            newer_elsewhere, rng_state, set_aside, set_rng_state, trim_metrics,
+                                            try_load)
+from gpt2_pretrain.checkpoint.sharded import (SHARDED, is_sharded_checkpoint, link_copy, load_sharded,
+                                              ranks_that_cannot_read, save_sharded, training_state, weights_finite)
 from gpt2_pretrain.distributed import print0
 from gpt2_pretrain.errors import failed_save_message
 
@@ -65,9 +69,15 @@ class Checkpointer:
                 "resume from another checkpoint with --resume=PATH, or start over on purpose with "
                 "--resume=never (the unusable files are then moved into a set_aside/ folder of out_dir, not "
                 "deleted)"))
-        if not os.path.exists(config.resume):
-            raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never or "
-                              f"a path).")
+        if not (os.path.isfile(config.resume) or is_sharded_checkpoint(config.resume)):
+            raise ConfigError(f"--resume={config.resume}: no such checkpoint file or .dcp folder (use auto, never "
+                              f"or a path).")
+        aside = os.path.abspath(os.path.join(out_dir, SET_ASIDE))
+        if os.path.commonpath([os.path.abspath(config.resume), aside]) == aside:
+            # out_dir's checkpoints up to the rollback step belong to the new timeline: the two would mix
+            raise ConfigError(f"--resume={config.resume} is a set-aside timeline of {out_dir}, whose checkpoints "
+                              f"now belong to another one: continue it in a folder of its own, --resume="
+                              f"{config.resume} --out_dir=ANOTHER_FOLDER.")
         checkpoint, problem = try_load(config.resume)
         if checkpoint is None:
             raise ConfigError(f"checkpoint {config.resume} is unusable ({problem}).")
@@ -134,16 +144,6 @@ class Checkpointer:
             self._new_timeline(path)
         return self.start_step
 
-    def _check_every_rank_reads(self, path):
-        """A sharded checkpoint is read by every rank: one outside out_dir (--resume=PATH) may be on rank 0's
-        node only, which check_shared_out_dir does not cover. Every rank raises the same error then."""
-        blind = ranks_that_cannot_read(path) if self.info.ddp else []
-        if blind:
-            ranks = f"rank {blind[0]}" if len(blind) == 1 else f"ranks {', '.join(map(str, blind))}"
-            raise ConfigError(f"--resume={path}: {ranks} cannot read this sharded checkpoint, and every rank reads "
-                              f"its own shards: give a path every node sees (a shared filesystem), or copy the "
-                              f"folder to that path on every node.")
-
     def _check_data(self, path, checkpoint):
         """A run is its data: resuming it on another data_dir manifest is refused, with the deliberate way."""
         data = checkpoint.get("data")  # absent in checkpoints written before it was kept
@@ -173,6 +173,16 @@ class Checkpointer:
         with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": self.start_step, "new_timeline": {
                 "resumed_from": path, "set_aside": folder, "newest_set_aside": newest}}) + "\n")
+
+    def _check_every_rank_reads(self, path):
+        """A sharded checkpoint is read by every rank: one outside out_dir (--resume=PATH) may be on rank 0's
+        node only, which check_shared_out_dir does not cover. Every rank raises the same error then."""
+        blind = ranks_that_cannot_read(path) if self.info.ddp else []
+        if blind:
+            ranks = f"rank {blind[0]}" if len(blind) == 1 else f"ranks {', '.join(map(str, blind))}"
+            raise ConfigError(f"--resume={path}: {ranks} cannot read this sharded checkpoint, and every rank reads "
+                              f"its own shards: give a path every node sees (a shared filesystem), or copy the "
+                              f"folder to that path on every node.")
 
     def restore_rng(self):
         """Put back this rank's random states; call last before the loop so nothing draws from them first."""

@@ -58,10 +58,10 @@ def file_digest(path):
     return digest.hexdigest()
 
 
-def folder_digests(folder, leave_out=()):
-    """{name: sha256} of the files of a sharded checkpoint folder."""
+def folder_digests(folder, leave_out=(), prefix=""):
+    """{name: sha256} of the files of a sharded checkpoint folder (those whose name starts with `prefix`)."""
     return {name: file_digest(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-            if name not in leave_out and os.path.isfile(os.path.join(folder, name))}
+            if name.startswith(prefix) and name not in leave_out and os.path.isfile(os.path.join(folder, name))}
 
 
 def checksum_problem(path, checkpoint):

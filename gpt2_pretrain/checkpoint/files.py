@@ -1,6 +1,6 @@
-"""Checkpoint files: read one (full .pt or sharded .dcp), list, validate and compare them, and the random and
-optimizer states they carry. The run's own saving and resuming is checkpointer.Checkpointer; files are written
-with atomic.atomic_save.
+"""Checkpoint files: read one (full .pt or sharded .dcp), list, validate (checksum.py) and compare them, set
+newer ones aside for a new timeline, and the random and optimizer states they carry. The run's own saving
+and resuming is checkpointer.Checkpointer; files are written with atomic.atomic_save.
 """
 
 import json
@@ -19,6 +19,7 @@ from gpt2_pretrain.atomic import atomic_write, fsync_path
 from gpt2_pretrain.checkpoint.checksum import checksum_problem
 from gpt2_pretrain.checkpoint.sharded import SHARDED, is_sharded_checkpoint, load_full_weights, read_meta
 
+SET_ASIDE = "set_aside"  # the folder of out_dir that older timelines and broken files are moved into
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
 RESUME_MUST_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
 REQUIRED_KEYS = ("model", "optimizers", "step", "config", "ranks")
@@ -168,7 +169,7 @@ def set_aside(out_dir, after_step, metrics_lines=()):
     if not newer:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    base = folder = os.path.join(out_dir, "set_aside", f"{stamp}_step_{max(after_step, 0):06d}")
+    base = folder = os.path.join(out_dir, SET_ASIDE, f"{stamp}_step_{max(after_step, 0):06d}")
     suffix = 1
     while os.path.exists(folder):  # two set-asides within a second
         folder, suffix = f"{base}.{suffix}", suffix + 1

@@ -108,11 +108,21 @@ def save_sharded(meta, path, model, optimizers):
         error = next((failure for _, (failure, _) in sorted(e.failures.items()) if isinstance(failure, OSError)), None)
         if error is None:
             raise  # not a write that failed: a bug, with its traceback
-    if is_master and error is None:
+    # each rank hashes the shard files it wrote (DCP names them __RANK_N.distcp), all ranks at once
+    digests = [None] * dist.get_world_size()
+    try:
+        mine = {} if error else folder_digests(tmp, prefix=f"__{dist.get_rank()}_")
+    except OSError as e:
+        error, mine = e, {}
+    dist.all_gather_object(digests, mine)
+    raise_on_every_rank(error, tmp)
+    if is_master:
         full_disk = str(meta["step"]) in os.environ.get("GPT2_DEBUG_FULL_DISK_STEPS", "").split(",")  # test hook
         try:
-            # every rank's shards are written: meta.pt lists their checksums and carries its own
-            meta = with_checksum({**meta, FILES: folder_digests(tmp, leave_out=(META,))})
+            # every rank's shards are written: meta.pt lists their checksums (the other files' hashed here) and
+            # carries its own
+            hashed = {name: digest for part in digests for name, digest in part.items()}
+            meta = with_checksum({**meta, FILES: {**hashed, **folder_digests(tmp, leave_out=(META, *hashed))}})
             with open("/dev/full" if full_disk else os.path.join(tmp, META), "wb") as f:
                 with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
                     torch.save(meta, writer)
