@@ -42,7 +42,7 @@ TEST_WORKERS ?= auto
 PYTEST := -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal
 
 test: $(VENV)/.installed-dev
-	$(PY) $(PYTEST) tests
+	$(PY) $(PYTEST) --durations=10 tests
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) $(PYTEST) -m "not slow and not gpu" tests
