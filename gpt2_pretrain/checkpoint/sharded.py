@@ -9,7 +9,8 @@ checkpoint is a folder, out_dir/ckpt_STEP.dcp/ (or best_STEP.dcp/):
                               every other file of the folder and a checksum of its own (checksum.py)
 Atomic like a .pt checkpoint: every rank writes into ckpt_STEP.dcp.tmp/, and rank 0 renames the folder
 once all of them are done, so a killed save never replaces the last good checkpoint. A write that fails on
-any rank (a full disk) raises the same OSError on every rank, so none is left waiting for the others.
+any rank (a full disk, also in the middle of a shard: shard_writer.py) raises the same OSError on every
+rank, so none is left waiting for the others, and the partial folder is removed.
 Every rank must see the same out_dir: errors.check_shared_out_dir refuses a run where they do not.
 
 Test hook: GPT2_DEBUG_FULL_DISK_STEPS=4,6 makes rank 0 write the meta.pt of the checkpoints at those steps
@@ -17,6 +18,7 @@ into /dev/full, whose writes fail with ENOSPC: a disk that fills up once every r
 """
 
 import os
+import re
 import shutil
 import warnings
 
@@ -92,6 +94,8 @@ def save_sharded(meta, path, model, optimizers):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from gpt2_pretrain.checkpoint.shard_writer import shard_writer
+
     is_master = dist.get_rank() == 0
     tmp = f"{path}.tmp"
     error = None
@@ -102,16 +106,22 @@ def save_sharded(meta, path, model, optimizers):
         except OSError as e:
             error = e
     raise_on_every_rank(error, tmp)  # no rank writes before the folder exists
+    step = int(re.search(r"(\d+)\.dcp$", path).group(1))
+    storage = shard_writer(tmp, step, dist.get_rank(), dist.get_world_size())
+    failed = None
     try:
-        dcp.save(training_state(model, optimizers), checkpoint_id=tmp)  # each rank its shards, files fsynced
+        dcp.save(training_state(model, optimizers), storage_writer=storage)  # each rank its shards, files fsynced
     except CheckpointException as e:  # raised on every rank when any rank's write failed
-        error = next((failure for _, (failure, _) in sorted(e.failures.items()) if isinstance(failure, OSError)), None)
-        if error is None:
-            raise  # not a write that failed: a bug, with its traceback
+        # a full disk mid-tensor reaches DCP as torch.save's "unexpected pos": the writer kept the OSError
+        failed, error = e, storage.fs.error or next(
+            (failure for _, (failure, _) in sorted(e.failures.items()) if isinstance(failure, OSError)), None)
+    raise_on_every_rank(error, tmp)  # the failing rank's OSError on every rank, the partial folder removed
+    if failed is not None:
+        raise failed  # not a write that failed: a bug, with its traceback
     # each rank hashes the shard files it wrote (DCP names them __RANK_N.distcp), all ranks at once
     digests = [None] * dist.get_world_size()
     try:
-        mine = {} if error else folder_digests(tmp, prefix=f"__{dist.get_rank()}_")
+        mine = folder_digests(tmp, prefix=f"__{dist.get_rank()}_")
     except OSError as e:
         error, mine = e, {}
     dist.all_gather_object(digests, mine)
