@@ -262,6 +262,38 @@ def test_a_sharded_checkpoint_checks_each_of_its_files(token_dir, tmp_path):
     assert try_load(path)[1] == f"its file {shard} does not match its checksum: it changed after it was written"
 
 
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(token_dir, tmp_path, capsys):
+    """A shard cut short in the newest .dcp, whose best_ twin hard-links the same file: both are reported and
+    set aside, and the run goes on from the one before with the losses of the run that was never damaged.
+    Then a shard missing from the newest ckpt_ alone: its best_ twin of the same step is used."""
+    common = ("--parallel=fsdp", "--max_steps=6", "--checkpoint_interval=2", "--keep_last=0")
+    out = run(token_dir, tmp_path / "run", *common)
+    reference = losses(out)
+    newest, twin = os.path.join(out, "ckpt_000006.dcp"), os.path.join(out, "best_000006.dcp")
+    (shard,) = [n for n in os.listdir(newest) if n.endswith(".distcp")]
+    size = os.path.getsize(os.path.join(newest, shard))
+    assert os.path.samefile(os.path.join(newest, shard), os.path.join(twin, shard))
+    os.truncate(os.path.join(newest, shard), size // 2)
+    cut = f"its file {shard} is {size // 2:,} bytes, {size:,} when written: it was cut or changed"
+    assert try_load(newest)[1] == cut and try_load(twin)[1] == cut
+    capsys.readouterr()
+    run(token_dir, out, *common)
+    printed = capsys.readouterr().out
+    for path in (newest, twin):
+        assert f"warning: checkpoint {path} is unusable ({cut}); falling back to the previous one" in printed
+    assert f"resumed from {os.path.join(out, 'ckpt_000004.dcp')} at step 4" in printed
+    assert losses(out) == reference  # bit for bit: the same state at step 4, the same batches and random numbers
+    (aside,) = os.listdir(os.path.join(out, "set_aside"))
+    assert sorted(os.listdir(os.path.join(out, "set_aside", aside))) == ["best_000006.dcp", "ckpt_000006.dcp",
+                                                                         "metrics.jsonl"]
+
+    os.remove(os.path.join(newest, shard))  # the run wrote both anew; only ckpt_'s link to the file goes
+    run(token_dir, out, *common)
+    printed = capsys.readouterr().out
+    assert f"warning: checkpoint {newest} is unusable (its file {shard} is missing)" in printed
+    assert f"resumed from {twin} at step 6" in printed
+
+
 def test_a_run_is_its_data(token_dir, tmp_path, capsys):
     # the old code printed "config changed" and went on training the first corpus's model on the second
     out = run(token_dir, tmp_path / "run", "--max_steps=2")

@@ -5,8 +5,8 @@ checkpoint is a folder, out_dir/ckpt_STEP.dcp/ (or best_STEP.dcp/):
     .metadata, __R_0.distcp   DCP's files: model and optimizer states keyed by parameter name, so a run
                               with another world size reshards them as it loads
     meta.pt                   the plain data of a .pt checkpoint (step, config, each rank's loader and
-                              RNG states, ...), with "model" and "optimizers" set to SHARDED, the sha256 of
-                              every other file of the folder and a checksum of its own (checksum.py)
+                              RNG states, ...), with "model" and "optimizers" set to SHARDED, the sha256 and
+                              size of every other file of the folder and a checksum of its own (checksum.py)
 Atomic like a .pt checkpoint: every rank writes into ckpt_STEP.dcp.tmp/, and rank 0 renames the folder
 once all of them are done, so a killed save never replaces the last good checkpoint. A write that fails on
 any rank (a full disk, also in the middle of a shard: shard_writer.py) raises the same OSError on every
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2_pretrain.atomic import WriteRecorder, fsync_path
-from gpt2_pretrain.checkpoint.checksum import FILES, folder_digests, with_checksum
+from gpt2_pretrain.checkpoint.checksum import FILES, SIZES, folder_digests, with_checksum
 from gpt2_pretrain.parallel import is_dtensor
 
 # torch.distributed.checkpoint is imported in the functions that use it: it brings DTensor, about 1.5 s of
@@ -130,9 +130,11 @@ def save_sharded(meta, path, model, optimizers):
         full_disk = str(meta["step"]) in os.environ.get("GPT2_DEBUG_FULL_DISK_STEPS", "").split(",")  # test hook
         try:
             # every rank's shards are written: meta.pt lists their checksums (the other files' hashed here) and
-            # carries its own
+            # sizes, and carries its own
             hashed = {name: digest for part in digests for name, digest in part.items()}
-            meta = with_checksum({**meta, FILES: {**hashed, **folder_digests(tmp, leave_out=(META, *hashed))}})
+            files = {**hashed, **folder_digests(tmp, leave_out=(META, *hashed))}
+            sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
+            meta = with_checksum({**meta, FILES: files, SIZES: sizes})
             with open("/dev/full" if full_disk else os.path.join(tmp, META), "wb") as f:
                 with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
                     torch.save(meta, writer)
