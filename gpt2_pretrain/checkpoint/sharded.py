@@ -6,7 +6,8 @@ checkpoint is a folder, out_dir/ckpt_STEP.dcp/ (or best_STEP.dcp/):
                               with another world size reshards them as it loads
     meta.pt                   the plain data of a .pt checkpoint (step, config, each rank's loader and
                               RNG states, ...), with "model" and "optimizers" set to SHARDED, the sha256 and
-                              size of every other file of the folder and a checksum of its own (checksum.py)
+                              size of every other file of the folder and a checksum of its own (checksum.py),
+                              and the tied weights' names (lm_head.weight: saved once, as transformer.wte.weight)
 Atomic like a .pt checkpoint: every rank writes into ckpt_STEP.dcp.tmp/, and rank 0 renames the folder
 once all of them are done, so a killed save never replaces the last good checkpoint. A write that fails on
 any rank (a full disk, also in the middle of a shard: shard_writer.py) raises the same OSError on every
@@ -34,6 +35,7 @@ from gpt2_pretrain.parallel import is_dtensor
 
 SHARDED = "sharded"  # a checkpoint's "model" and "optimizers" when they live in the shard files
 META = "meta.pt"
+TIED = "tied"  # meta.pt's {name: first name} of the weights saved once, under their first name
 
 
 def is_sharded_checkpoint(path):
@@ -66,12 +68,26 @@ def weights_finite(model):
     return bool(finite.item())
 
 
+def tied_names(model):
+    """{name: the name it is tied to} for a parameter held under two names (lm_head.weight: the tied wte)."""
+    first, tied = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
 def training_state(model, optimizers):
-    """Model and optimizer states as DCP saves and loads them: sharded DTensors keyed by parameter name."""
+    """Model and optimizer states as DCP saves and loads them: sharded DTensors keyed by parameter name; a tied
+    weight once, under its first name (DCP would write it under each, and the free-space estimate count it twice)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model),
-            "optimizers": [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]}
+    weights = get_model_state_dict(model)
+    for name in tied_names(model):
+        weights.pop(name, None)
+    return {"model": weights, "optimizers": [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]}
 
 
 def raise_on_every_rank(error, tmp):
@@ -134,7 +150,7 @@ def save_sharded(meta, path, model, optimizers):
             hashed = {name: digest for part in digests for name, digest in part.items()}
             files = {**hashed, **folder_digests(tmp, leave_out=(META, *hashed))}
             sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
-            meta = with_checksum({**meta, FILES: files, SIZES: sizes})
+            meta = with_checksum({**meta, FILES: files, SIZES: sizes, TIED: tied_names(model)})
             with open("/dev/full" if full_disk else os.path.join(tmp, META), "wb") as f:
                 with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
                     torch.save(meta, writer)
@@ -156,7 +172,9 @@ def load_sharded(path, model, optimizers, load_optimizer_state):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = training_state(model, optimizers)  # the shapes to fill: this run's shards
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path)  # a checkpoint that holds a tied weight twice is read once, too
+    for name, first in tied_names(model).items():
+        state["model"][name] = state["model"][first]  # the same parameter: loading it twice sets it once
     set_model_state_dict(model, state["model"])
     for optimizer, optimizer_state in zip(optimizers, state["optimizers"], strict=True):
         load_optimizer_state(optimizer, optimizer_state,
@@ -175,6 +193,8 @@ def load_full_weights(path):
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process")
         dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)  # this process reads every shard
+    for name, first in read_meta(path).get(TIED, {}).items():
+        weights[name] = weights[first]  # saved once, under its first name
     return weights
 
 
