@@ -217,7 +217,8 @@ def train(config, info, argv=()):
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
-    stop = StopSignal(info, config.stop_check_interval)  # SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint, exit 0
+    # SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint within stop_grace seconds, exit 0
+    stop = StopSignal(info, config.stop_check_interval, config.stop_grace)
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
     window_start, step, stopping = None, start_step, False
@@ -230,6 +231,7 @@ def train(config, info, argv=()):
         if saving or evaluating:
             guard.check(logger)  # the saved count of NaN/inf steps is complete
             window_start = None  # the time spent here is no training step's
+            stop.check_soon(step)  # a signal during this pause is answered at the next step
         counters = {"nonfinite_steps": guard.total, "wandb_run_id": logger.wandb_run_id,  # what a checkpoint keeps
                     "run_seconds": checkpoints.run_seconds + time.time() - started}
         if saving:

@@ -26,6 +26,9 @@ from gpt2_pretrain import console
 # how long a failing rank waits for rank 0's error before deciding that rank 0 does not share it: ranks
 # that hit the same mistake reach it within moments of each other
 PEER_ERROR_WAIT_SECONDS = 10
+# how long a rank that lost contact waits to hear from the others: those that did not say they lost contact
+# too are named as the lost ones (every live rank's next collective fails within moments of a death)
+LOST_PEER_WAIT_SECONDS = 2
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -44,7 +47,7 @@ def _line_under_torchrun(message, rank, world_size, consequence):
     """What this rank prints, or None. Each failing rank leaves its message in the job's store: rank 0
     prints its own; another rank prints its own as [rank R] unless rank 0 has the same (waited for, bounded,
     which also keeps it alive until rank 0 has printed); a lost peer, the consequence of another rank's
-    error, is not printed again."""
+    error, is not printed again, and one that no rank's error explains is printed once (_lost_peer_line)."""
     key = f"gpt2_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted job starts clean
     try:
         store = _job_store()
@@ -52,6 +55,8 @@ def _line_under_torchrun(message, rank, world_size, consequence):
             return message if rank == 0 else None  # every rank checked the same flags and files: rank 0 speaks
         if consequence and any(store.check([f"{key}{r}"]) for r in range(world_size) if r != rank):
             return None
+        if consequence:
+            return _lost_peer_line(store, key, message, rank, world_size)
         if rank == 0:
             console.write(f"error: {message}\n", sys.stderr)  # before the key: the others exit after it
             with contextlib.suppress(Exception):
@@ -63,6 +68,26 @@ def _line_under_torchrun(message, rank, world_size, consequence):
     except Exception:  # no answer in time, or no store to reach: say it ourselves
         same = False
     return None if same else f"[rank {rank}] {message}" if rank else message
+
+
+def _lost_peer_line(store, key, message, rank, world_size):
+    """A lost peer, printed once for the whole job and naming the ranks that were lost: each rank that lost
+    contact says so in the store; the ranks not heard from within LOST_PEER_WAIT_SECONDS (and that reported
+    no error of their own) are the lost ones, and the first rank to claim the line prints it."""
+    store.set(f"{key}alive/{rank}", "1")
+    others = [r for r in range(world_size) if r != rank]
+    deadline = time.time() + LOST_PEER_WAIT_SECONDS
+    while True:
+        lost = [r for r in others if not store.check([f"{key}alive/{r}"])]
+        if not lost or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    if any(store.check([f"{key}{r}"]) for r in others) or store.add(f"{key}lost_line", 1) != 1:
+        return None  # another rank's own error says why, or another rank prints this line
+    if lost:
+        who = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}"
+        message = message.replace("another rank", who, 1)
+    return message
 
 
 def fail(message, consequence=False):
@@ -100,8 +125,9 @@ def reported_as_errors(*user_errors, out_dir="out"):
         lost = isinstance(e, getattr(dist, "DistError", ())) or any(s in str(e) for s in PEER_LOST)
         if not (lost and dist.is_available() and dist.is_initialized()):
             raise
-        fail(f"lost contact with another rank ({str(e).splitlines()[0][:200]}): a rank died or hung, and its own "
-             f"output says why. Fix that, then continue with --resume=auto.", consequence=True)
+        fail(f"lost contact with another rank ({str(e).splitlines()[0][:200]}): it died or hung, and its own "
+             f"output (or torchrun's, for a killed process) says why. Fix that, then continue with --resume=auto.",
+             consequence=True)
 
 
 def check_device(requested, local_rank=0, torchrun=False):

@@ -1,4 +1,4 @@
-"""Guards of the training loop: stop cleanly on SIGTERM/SIGINT/SIGHUP, skip updates with a NaN/inf loss or gradient.
+"""Guards of the training loop: stop cleanly and in time on SIGTERM/SIGINT/SIGHUP, skip NaN/inf updates.
 
 A NaN/inf step skips its update: torch's fused AdamW skips inside its kernel (its found_inf input, as the
 AMP grad scaler uses it), with no host sync; any other optimizer (Muon) reads the finite flag on the host
@@ -30,17 +30,27 @@ class NonFiniteError(Exception):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT/SIGHUP only set a flag; every `every` steps the ranks agree on it (max over ranks), so all
-    stop at the same step without a collective each step. One process reads its flag every step. SIGHUP (the
-    terminal closed, an ssh session lost) is a stop like SIGTERM: the run checkpoints, and its console output
-    goes on into out_dir/console.log."""
+    """SIGTERM/SIGINT/SIGHUP only set a flag; under torchrun the ranks agree on it (max over ranks) at steps every
+    rank knows, so all stop at the same step without a collective each step. A check also tells every rank the
+    slowest rank's step time and longest pause (an evaluation or checkpoint and its step), from which they all
+    pick the next check step alike: at most `every` steps on, fewer when steps are slow, so that a stop reaches
+    its checkpoint within `grace` seconds (half of it for the steps before the check, the rest for the save).
+    The step after an evaluation or save is always checked (check_soon). Steps that do not check read the clock
+    only: no collective, no wait for the device. One process reads its flag every step. SIGHUP (the terminal
+    closed, an ssh session lost) is a stop like SIGTERM: the run checkpoints, and its console output goes on
+    into out_dir/console.log."""
 
-    def __init__(self, info, every=1):
+    def __init__(self, info, every=1, grace=20.0):
         self.info = info
-        self.every = every
+        self.every, self.grace = every, grace
         self.received = None
         self.previous = {}
         self.delay = float(os.environ.get("GPT2_DEBUG_STEP_DELAY") or 0)
+        self.next_check = 0  # the first call checks
+        self.window = None  # (time, step) since which steps are timed, none across a pause
+        self.paused_at, self.pauses = None, 0
+        self.step_seconds = self.pause_seconds = 0.0
+        self.warned = False
         # the flag travels over gloo on the CPU: agreeing on it never waits for the GPU's queue to drain
         self.group = None
         if info.ddp and info.device_type == "cuda":
@@ -57,18 +67,44 @@ class StopSignal:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once (under torchrun a rank may see one signal twice)
         self.received = self.received or signal.Signals(signum).name
 
+    def _time_steps(self, step, now):
+        if self.window is not None and step > self.window[1]:
+            self.step_seconds = (now - self.window[0]) / (step - self.window[1])
+
+    def check_soon(self, step):
+        """Before an evaluation or save at `step`: they take time, so every rank checks again at the next step."""
+        now = time.time()
+        self._time_steps(step, now)
+        self.window, self.paused_at, self.next_check = None, now, step + 1
+
     def requested(self, step):
         """True on every rank when any rank got a signal; called once per step, at its start."""
         if self.delay:
             time.sleep(self.delay)
-        if not self.info.ddp:
-            return self.received is not None
-        if step % self.every:
+        if self.info.ddp and step < self.next_check:
             return False  # every rank skips the same steps: they still stop together
-        device = "cpu" if self.group is not None else self.info.device
-        flag = torch.tensor([float(self.received is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        now = time.time()
+        self._time_steps(step, now)
+        if self.paused_at is not None:
+            if self.pauses:  # the first pause holds the warm-up (the first steps, compiling): not a measure
+                self.pause_seconds = max(self.pause_seconds, now - self.paused_at)
+            self.paused_at, self.pauses = None, self.pauses + 1
+        self.window = (now, step)
+        received, step_seconds, pause_seconds = float(self.received is not None), self.step_seconds, self.pause_seconds
+        if self.info.ddp:
+            device = "cpu" if self.group is not None else self.info.device
+            values = torch.tensor([received, step_seconds, pause_seconds], dtype=torch.float64, device=device)
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            received, step_seconds, pause_seconds = values.tolist()
+        steps = int((self.grace - pause_seconds) / (2 * step_seconds)) if step_seconds else 1
+        self.next_check = step + min(max(steps, 1), self.every)
+        if not self.warned and max(step_seconds, pause_seconds) > self.grace:
+            self.warned = True
+            print0(f"warning: a stop signal may not reach its checkpoint within --stop_grace={self.grace:g}s: a step "
+                   f"takes {step_seconds:.1f}s and the longest evaluation or checkpoint, with its step, "
+                   f"{pause_seconds:.1f}s (torchrun and Slurm kill a job 30 s after SIGTERM). Give the job a longer "
+                   f"grace before SIGKILL (Slurm's KillWait) and raise --stop_grace to match, or take shorter steps.")
+        return bool(received)
 
     def close(self):
         for signum, handler in self.previous.items():

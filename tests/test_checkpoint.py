@@ -11,7 +11,7 @@ import torch
 import train
 from gpt2_pretrain.atomic import atomic_save
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
-from gpt2_pretrain.checkpoint.files import list_checkpoints, try_load
+from gpt2_pretrain.checkpoint.files import list_checkpoints, model_weights, try_load
 from gpt2_pretrain.distributed import DistInfo
 from model import GPT, GPTConfig
 from scripts import sample
@@ -260,6 +260,56 @@ def test_a_sharded_checkpoint_checks_each_of_its_files(token_dir, tmp_path):
     shard = next(n for n in os.listdir(path) if n.endswith(".distcp"))
     zero_middle(os.path.join(path, shard), size=64)  # the shard file stays readable by DCP
     assert try_load(path)[1] == f"its file {shard} does not match its checksum: it changed after it was written"
+
+
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(token_dir, tmp_path, capsys):
+    """A shard cut short in the newest .dcp, whose best_ twin hard-links the same file: both are reported and
+    set aside, and the run goes on from the one before with the losses of the run that was never damaged.
+    Then a shard missing from the newest ckpt_ alone: its best_ twin of the same step is used."""
+    common = ("--parallel=fsdp", "--max_steps=6", "--checkpoint_interval=2", "--keep_last=0")
+    out = run(token_dir, tmp_path / "run", *common)
+    reference = losses(out)
+    newest, twin = os.path.join(out, "ckpt_000006.dcp"), os.path.join(out, "best_000006.dcp")
+    (shard,) = [n for n in os.listdir(newest) if n.endswith(".distcp")]
+    size = os.path.getsize(os.path.join(newest, shard))
+    assert os.path.samefile(os.path.join(newest, shard), os.path.join(twin, shard))
+    os.truncate(os.path.join(newest, shard), size // 2)
+    cut = f"its file {shard} is {size // 2:,} bytes, {size:,} when written: it was cut or changed"
+    assert try_load(newest)[1] == cut and try_load(twin)[1] == cut
+    capsys.readouterr()
+    run(token_dir, out, *common)
+    printed = capsys.readouterr().out
+    for path in (newest, twin):
+        assert f"warning: checkpoint {path} is unusable ({cut}); falling back to the previous one" in printed
+    assert f"resumed from {os.path.join(out, 'ckpt_000004.dcp')} at step 4" in printed
+    assert losses(out) == reference  # bit for bit: the same state at step 4, the same batches and random numbers
+    (aside,) = os.listdir(os.path.join(out, "set_aside"))
+    assert sorted(os.listdir(os.path.join(out, "set_aside", aside))) == ["best_000006.dcp", "ckpt_000006.dcp",
+                                                                         "metrics.jsonl"]
+
+    os.remove(os.path.join(newest, shard))  # the run wrote both anew; only ckpt_'s link to the file goes
+    run(token_dir, out, *common)
+    printed = capsys.readouterr().out
+    assert f"warning: checkpoint {newest} is unusable (its file {shard} is missing)" in printed
+    assert f"resumed from {twin} at step 6" in printed
+
+
+def test_a_tied_weight_is_saved_once_in_a_sharded_checkpoint(token_dir, tmp_path):
+    """wte and lm_head are one tensor: the .pt file (torch.save keeps a shared storage once) is the reference
+    for the size of the .dcp's shards. At GPT-2's vocab wte is most of the model, so a second copy would add a
+    third to the shards."""
+    common = (FULL_VOCAB, "--max_steps=1", "--eval_iters=1", "--keep_best=false")
+    pt = os.path.join(run(token_dir, tmp_path / "ddp", *common), "ckpt_000001.pt")
+    dcp = os.path.join(run(token_dir, tmp_path / "fsdp", "--parallel=fsdp", *common), "ckpt_000001.dcp")
+    shards = sum(os.path.getsize(os.path.join(dcp, n)) for n in os.listdir(dcp) if n.endswith(".distcp"))
+    # DCP frames each of its ~140 tensors (weights, moments, step counts) as a torch.save of its own, under
+    # 2 KB each: under 2% of the .pt file's 19.7 MB
+    assert shards < 1.02 * os.path.getsize(pt), (shards, os.path.getsize(pt))
+    weights = model_weights(dcp, try_load(dcp)[0])  # loadable as before, the tied name filled in
+    model = GPT(GPTConfig(vocab_size=50304, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    model.load_state_dict(weights)  # strict: every name, lm_head.weight included
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])
 
 
 def test_a_run_is_its_data(token_dir, tmp_path, capsys):

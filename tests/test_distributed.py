@@ -39,17 +39,23 @@ def test_two_processes_match_one_process(token_dir, tmp_path):
     assert not torch.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
 
 
-@pytest.mark.parametrize("mode", ["raise", "kill"])
-def test_one_failing_rank_ends_the_job(token_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode, rank", [("raise", 1), ("kill", 0)])
+def test_one_failing_rank_ends_the_job(token_dir, tmp_path, mode, rank):
     args = tiny_args(token_dir, str(tmp_path / "out"), "--max_steps=50", "--eval_interval=100")
     start = time.time()
-    result = torchrun(2, "tests/torchrun_worker.py", args, env={"TEST_FAIL_RANK": "1", "TEST_FAIL_MODE": mode})
+    result = torchrun(2, "tests/torchrun_worker.py", args, env={"TEST_FAIL_RANK": str(rank), "TEST_FAIL_MODE": mode})
     elapsed = time.time() - start
     assert result.returncode != 0
     assert elapsed < 90, f"the job took {elapsed:.0f}s to end after a rank failed"
     if mode == "raise":
         assert "injected failure" in result.stderr  # a bug keeps its traceback
-    assert "[rank0]: Traceback" not in result.stderr  # rank 0 only lost its peer: at most one error line
+        assert "[rank0]: Traceback" not in result.stderr  # rank 0 only lost its peer: at most one error line
+    else:
+        # rank 0 killed: rank 1 waits briefly to hear from the others, not for an error rank 0 will never send
+        killed_at = float(result.stderr.split("test: SIGKILL at ")[1].split()[0])
+        assert time.time() - killed_at < 8, f"the job took {time.time() - killed_at:.1f}s to end after the kill"
+        assert result.stderr.count("error: ") == 1 and "error: lost contact with rank 0 (" in result.stderr
+        assert "[rank 1]" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 
 def test_bad_batch_arithmetic_is_one_message_and_every_rank_fails(token_dir, tmp_path):

@@ -18,7 +18,7 @@ import torch
 
 import train
 from model import GPT, GPTConfig
-from tests.conftest import FULL_VOCAB, ROOT, make_token_shards, tiny_args, torchrun, write_examples
+from tests.conftest import FULL_VOCAB, ROOT, make_token_shards, read_metrics, tiny_args, torchrun, write_examples
 
 
 def snapshot(*folders):
@@ -314,25 +314,39 @@ def test_an_error_every_rank_sees_is_printed_once(token_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_after_the_shards_of_a_sharded_checkpoint_ends_every_rank_at_once(token_dir, tmp_path):
-    """Rank 0's meta.pt, written after every rank's shards, goes to /dev/full at steps 4 and 6 (test hook):
-    the periodic save at 4 is skipped with a warning, the final one at 6 ends both ranks with one error line,
-    at once rather than after the 300 s a rank would wait in a collective for rank 0."""
+def test_full_disk_at_a_sharded_checkpoint_is_survived_like_at_a_pt_file(token_dir, tmp_path):
+    """Test hooks fill the disk: rank 1's shard file mid-tensor at steps 4 and 8 (torch.save's "unexpected pos"
+    inside DCP), rank 0's meta.pt after every shard at step 6. The periodic saves at 4 and 6 are skipped with a
+    warning, the final one at 8 ends both ranks with one error line, at once rather than after the 300 s a rank
+    would wait in a collective; no partial folder is left, and once space is free the run resumes from step 2
+    with the same losses."""
     out = str(tmp_path / "out")
+    args = tiny_args(token_dir, out, "--parallel=fsdp", "--max_steps=8", "--checkpoint_interval=2",
+                     "--eval_interval=8")
     started = time.time()
-    result = torchrun(2, "train.py", tiny_args(token_dir, out, "--parallel=fsdp", "--max_steps=6",
-                                               "--checkpoint_interval=2", "--eval_interval=6"),
-                      env={"GPT2_DEBUG_FULL_DISK_STEPS": "4,6"}, timeout=150)
+    result = torchrun(2, "train.py", args, env={"GPT2_DEBUG_FULL_SHARD_STEPS": "4,8",
+                                                "GPT2_DEBUG_FULL_DISK_STEPS": "6"}, timeout=150)
     print(f"the run took {time.time() - started:.1f}s")
     assert result.returncode != 0
     kept = os.path.join(out, "ckpt_000002.dcp")
-    assert (f"warning: no space left for {os.path.join(out, 'ckpt_000004.dcp')}: a checkpoint needs about"
-            in result.stdout and f"the newest checkpoint kept is {kept}. Training goes on" in result.stdout)
+    for step in (4, 6):
+        assert (f"warning: no space left for {os.path.join(out, f'ckpt_{step:06d}.dcp')}: a checkpoint needs about"
+                in result.stdout)
+    assert result.stdout.count(f"the newest checkpoint kept is {kept}. Training goes on") == 2
     assert result.stderr.count("error: ") == 1 and 'train.py", line' not in result.stderr, result.stderr
-    assert f"error: no space left for {os.path.join(out, 'ckpt_000006.dcp')}: " in result.stderr
+    assert "unexpected pos" not in result.stderr and "CheckpointException" not in result.stderr
+    assert f"error: no space left for {os.path.join(out, 'ckpt_000008.dcp')}: " in result.stderr
     assert f"the newest checkpoint kept is {kept}. Free some space, then continue with --resume=auto" in result.stderr
     assert sorted(n for n in os.listdir(out) if "ckpt" in n or n.startswith(".shared")) == ["ckpt_000002.dcp"]
     assert torch.load(os.path.join(kept, "meta.pt"), weights_only=True)["step"] == 2
+    first = [(m["step"], m["loss"]) for m in read_metrics(out) if "loss" in m]
+
+    # space freed (no hooks): the same command resumes at step 2 and trains the same steps again, bit for bit
+    result = torchrun(2, "train.py", args, timeout=150)
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {kept} at step 2" in result.stdout
+    assert [(m["step"], m["loss"]) for m in read_metrics(out) if "loss" in m] == first
+    assert sorted(n for n in os.listdir(out) if "ckpt" in n) == [f"ckpt_{s:06d}.dcp" for s in (2, 6, 8)]  # 2: the start
 
 
 @pytest.mark.slow

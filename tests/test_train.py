@@ -213,3 +213,13 @@ def test_each_rank_draws_its_own_dropout_masks_from_the_same_initial_weights():
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], after_seed)
+
+
+def test_steps_too_slow_for_the_stop_grace_are_warned_about(token_dir, tmp_path, monkeypatch, capsys):
+    """0.3 s steps (test hook) against --stop_grace=0.2: even one step cannot end within the grace, and the run
+    says so with the measured times, once."""
+    monkeypatch.setenv("GPT2_DEBUG_STEP_DELAY", "0.3")
+    train.main(tiny_args(token_dir, str(tmp_path / "out"), "--max_steps=3", "--stop_grace=0.2"))
+    printed = capsys.readouterr().out
+    assert printed.count("warning: a stop signal may not reach its checkpoint within --stop_grace=0.2s: a step "
+                         "takes 0.") == 1, printed

@@ -9,6 +9,7 @@ whole job and that its error reaches the user.
 import os
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +31,7 @@ def fail_after(calls, mode):
         counter["calls"] += 1
         if counter["calls"] > calls:
             if mode == "kill":
+                print(f"test: SIGKILL at {time.time()}", file=sys.stderr, flush=True)  # when, for the test
                 os.kill(os.getpid(), signal.SIGKILL)
             if mode == "data":
                 raise DataError("injected: a shard only this rank reads is unreadable")

@@ -5,8 +5,8 @@ A .pt checkpoint stores content_digest(checkpoint) under "checksum": a sha256 ov
 tensor's dtype, shape and bytes, and the plain data around them), computed from the object before
 torch.save and again from what torch.load returns. So checking costs one pass over the loaded data and no
 second read of the file, and a change anywhere (in a tensor's bytes, or in the pickle, which then fails to
-load) is caught. A sharded checkpoint (.dcp folder) lists the sha256 of each of its files in meta.pt, whose
-own content digest covers that list.
+load) is caught. A sharded checkpoint (.dcp folder) lists the sha256 and size of each of its files in
+meta.pt, whose own content digest covers those lists: a missing or cut shard is found before any is hashed.
 
 Checkpoints written before checksums existed carry none; they are used as they are.
 """
@@ -18,6 +18,7 @@ import torch
 
 CHECKSUM = "checksum"
 FILES = "files"  # a sharded checkpoint's {file name: sha256} in meta.pt
+SIZES = "file_sizes"  # and {file name: bytes}; absent in those written before it was kept
 
 
 def _feed(digest, obj):
@@ -70,10 +71,15 @@ def checksum_problem(path, checkpoint):
         return None  # written before checksums
     if content_digest(checkpoint) != checkpoint[CHECKSUM]:
         return "its content does not match its checksum: the file changed after it was written"
-    for name, expected in (checkpoint.get(FILES) or {}).items():
+    files, sizes = checkpoint.get(FILES) or {}, checkpoint.get(SIZES) or {}
+    for name in files:  # every file's presence and size first: cheap, and the clearest words for a cut copy
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             return f"its file {name} is missing"
-        if file_digest(file) != expected:
+        size = os.path.getsize(file)
+        if name in sizes and size != sizes[name]:
+            return f"its file {name} is {size:,} bytes, {sizes[name]:,} when written: it was cut or changed"
+    for name, expected in files.items():
+        if file_digest(os.path.join(path, name)) != expected:
             return f"its file {name} does not match its checksum: it changed after it was written"
     return None

@@ -5,11 +5,13 @@ checkpoint is a folder, out_dir/ckpt_STEP.dcp/ (or best_STEP.dcp/):
     .metadata, __R_0.distcp   DCP's files: model and optimizer states keyed by parameter name, so a run
                               with another world size reshards them as it loads
     meta.pt                   the plain data of a .pt checkpoint (step, config, each rank's loader and
-                              RNG states, ...), with "model" and "optimizers" set to SHARDED, the sha256 of
-                              every other file of the folder and a checksum of its own (checksum.py)
+                              RNG states, ...), with "model" and "optimizers" set to SHARDED, the sha256 and
+                              size of every other file of the folder and a checksum of its own (checksum.py),
+                              and the tied weights' names (lm_head.weight: saved once, as transformer.wte.weight)
 Atomic like a .pt checkpoint: every rank writes into ckpt_STEP.dcp.tmp/, and rank 0 renames the folder
 once all of them are done, so a killed save never replaces the last good checkpoint. A write that fails on
-any rank (a full disk) raises the same OSError on every rank, so none is left waiting for the others.
+any rank (a full disk, also in the middle of a shard: shard_writer.py) raises the same OSError on every
+rank, so none is left waiting for the others, and the partial folder is removed.
 Every rank must see the same out_dir: errors.check_shared_out_dir refuses a run where they do not.
 
 Test hook: GPT2_DEBUG_FULL_DISK_STEPS=4,6 makes rank 0 write the meta.pt of the checkpoints at those steps
@@ -17,6 +19,7 @@ into /dev/full, whose writes fail with ENOSPC: a disk that fills up once every r
 """
 
 import os
+import re
 import shutil
 import warnings
 
@@ -24,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2_pretrain.atomic import WriteRecorder, fsync_path
-from gpt2_pretrain.checkpoint.checksum import FILES, folder_digests, with_checksum
+from gpt2_pretrain.checkpoint.checksum import FILES, SIZES, folder_digests, with_checksum
 from gpt2_pretrain.parallel import is_dtensor
 
 # torch.distributed.checkpoint is imported in the functions that use it: it brings DTensor, about 1.5 s of
@@ -32,6 +35,7 @@ from gpt2_pretrain.parallel import is_dtensor
 
 SHARDED = "sharded"  # a checkpoint's "model" and "optimizers" when they live in the shard files
 META = "meta.pt"
+TIED = "tied"  # meta.pt's {name: first name} of the weights saved once, under their first name
 
 
 def is_sharded_checkpoint(path):
@@ -64,12 +68,26 @@ def weights_finite(model):
     return bool(finite.item())
 
 
+def tied_names(model):
+    """{name: the name it is tied to} for a parameter held under two names (lm_head.weight: the tied wte)."""
+    first, tied = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
 def training_state(model, optimizers):
-    """Model and optimizer states as DCP saves and loads them: sharded DTensors keyed by parameter name."""
+    """Model and optimizer states as DCP saves and loads them: sharded DTensors keyed by parameter name; a tied
+    weight once, under its first name (DCP would write it under each, and the free-space estimate count it twice)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model),
-            "optimizers": [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]}
+    weights = get_model_state_dict(model)
+    for name in tied_names(model):
+        weights.pop(name, None)
+    return {"model": weights, "optimizers": [get_optimizer_state_dict(model, optimizer) for optimizer in optimizers]}
 
 
 def raise_on_every_rank(error, tmp):
@@ -92,6 +110,8 @@ def save_sharded(meta, path, model, optimizers):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from gpt2_pretrain.checkpoint.shard_writer import shard_writer
+
     is_master = dist.get_rank() == 0
     tmp = f"{path}.tmp"
     error = None
@@ -102,16 +122,22 @@ def save_sharded(meta, path, model, optimizers):
         except OSError as e:
             error = e
     raise_on_every_rank(error, tmp)  # no rank writes before the folder exists
+    step = int(re.search(r"(\d+)\.dcp$", path).group(1))
+    storage = shard_writer(tmp, step, dist.get_rank(), dist.get_world_size())
+    failed = None
     try:
-        dcp.save(training_state(model, optimizers), checkpoint_id=tmp)  # each rank its shards, files fsynced
+        dcp.save(training_state(model, optimizers), storage_writer=storage)  # each rank its shards, files fsynced
     except CheckpointException as e:  # raised on every rank when any rank's write failed
-        error = next((failure for _, (failure, _) in sorted(e.failures.items()) if isinstance(failure, OSError)), None)
-        if error is None:
-            raise  # not a write that failed: a bug, with its traceback
+        # a full disk mid-tensor reaches DCP as torch.save's "unexpected pos": the writer kept the OSError
+        failed, error = e, storage.fs.error or next(
+            (failure for _, (failure, _) in sorted(e.failures.items()) if isinstance(failure, OSError)), None)
+    raise_on_every_rank(error, tmp)  # the failing rank's OSError on every rank, the partial folder removed
+    if failed is not None:
+        raise failed  # not a write that failed: a bug, with its traceback
     # each rank hashes the shard files it wrote (DCP names them __RANK_N.distcp), all ranks at once
     digests = [None] * dist.get_world_size()
     try:
-        mine = {} if error else folder_digests(tmp, prefix=f"__{dist.get_rank()}_")
+        mine = folder_digests(tmp, prefix=f"__{dist.get_rank()}_")
     except OSError as e:
         error, mine = e, {}
     dist.all_gather_object(digests, mine)
@@ -120,9 +146,11 @@ def save_sharded(meta, path, model, optimizers):
         full_disk = str(meta["step"]) in os.environ.get("GPT2_DEBUG_FULL_DISK_STEPS", "").split(",")  # test hook
         try:
             # every rank's shards are written: meta.pt lists their checksums (the other files' hashed here) and
-            # carries its own
+            # sizes, and carries its own
             hashed = {name: digest for part in digests for name, digest in part.items()}
-            meta = with_checksum({**meta, FILES: {**hashed, **folder_digests(tmp, leave_out=(META, *hashed))}})
+            files = {**hashed, **folder_digests(tmp, leave_out=(META, *hashed))}
+            sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
+            meta = with_checksum({**meta, FILES: files, SIZES: sizes, TIED: tied_names(model)})
             with open("/dev/full" if full_disk else os.path.join(tmp, META), "wb") as f:
                 with WriteRecorder(f) as writer:  # a full disk raises its OSError, not torch's "unexpected pos"
                     torch.save(meta, writer)
@@ -144,7 +172,9 @@ def load_sharded(path, model, optimizers, load_optimizer_state):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = training_state(model, optimizers)  # the shapes to fill: this run's shards
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path)  # a checkpoint that holds a tied weight twice is read once, too
+    for name, first in tied_names(model).items():
+        state["model"][name] = state["model"][first]  # the same parameter: loading it twice sets it once
     set_model_state_dict(model, state["model"])
     for optimizer, optimizer_state in zip(optimizers, state["optimizers"], strict=True):
         load_optimizer_state(optimizer, optimizer_state,
@@ -163,6 +193,8 @@ def load_full_weights(path):
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message=".*load in a single process")
         dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)  # this process reads every shard
+    for name, first in read_meta(path).get(TIED, {}).items():
+        weights[name] = weights[first]  # saved once, under its first name
     return weights
 
 
