@@ -6,6 +6,7 @@ backward as torch.autograd.graph.saved_tensors_hooks sees them, against the --dr
 
 import os
 
+import pytest
 import torch
 
 import train
@@ -102,3 +103,37 @@ def test_saved_activation_bytes_fall_as_the_dry_run_estimate_says(token_dir, tmp
     assert measured["full"] < measured["selective"] < measured["none"]
     block_minus_input = (measured["none"] - measured["full"]) / 3
     assert abs(measured["none"] - measured["selective"] - 2 * block_minus_input) <= 0.01 * measured["none"]
+
+
+@pytest.mark.slow  # torch.compile: about 3 s on the 2-core box
+def test_compiled_checkpointed_blocks_keep_the_checkpoint_and_the_gradients():
+    """torch.compile traces the checkpointed blocks in one graph (fullgraph: no break at the instance
+    forward), keeps them as regions to recompute, and gives the loss and gradients of the uncompiled model
+    without checkpointing, bit for bit: aot_eager runs the same aten ops eagerly, in float32 on one CPU."""
+    # imported here: dynamo costs a second to import
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def run(model, x):
+        _, loss = model(x, torch.roll(x, -1, dims=1))
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in model.parameters()]
+
+    graphs = []
+
+    def eager(graph_module, _):
+        return make_boxed_func(graph_module.forward)
+
+    def recording(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        return aot_autograd(fw_compiler=eager, bw_compiler=eager)(graph_module, example_inputs)
+
+    x = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    results = []
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        model = train.GPT(train.GPTConfig(block_size=32, vocab_size=128, n_layer=3, n_head=2, n_embd=32))
+        apply_activation_checkpointing(model.transformer.h, mode, 2)
+        results.append(run(torch.compile(model, backend=recording, fullgraph=True) if mode != "none" else model, x))
+    assert len(graphs) == 1 and graphs[0].count("higher_order.tag_activation_checkpoint(") == 2  # blocks 0, 2
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
