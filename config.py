@@ -63,7 +63,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # ddp (every process holds the whole model) | fsdp (weights, grads, optimizer state sharded)
-    activation_checkpointing: str = "none"  # none | full (every block recomputed in the backward) | selective (every ac_every-th)
+    activation_checkpointing: str = "none"  # none | full (recompute every block in the backward) | selective
     ac_every: int = 2  # selective activation checkpointing: checkpoint every N-th block, the first one included
     seed: int = 1337  # seed for model init, data order and sampling
     out_dir: str = "out"  # folder for config.json, metrics.jsonl and checkpoints
