@@ -63,6 +63,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # ddp (every process holds the whole model) | fsdp (weights, grads, optimizer state sharded)
+    activation_checkpointing: str = "none"  # none | full (recompute every block in the backward) | selective
+    ac_every: int = 2  # selective activation checkpointing: checkpoint every N-th block, the first one included
     seed: int = 1337  # seed for model init, data order and sampling
     out_dir: str = "out"  # folder for config.json, metrics.jsonl and checkpoints
     log_interval: int = 1  # steps between log lines
@@ -90,6 +92,7 @@ class TrainConfig:
 CHOICES = {
     "optimizer": ("adamw", "muon"),
     "parallel": ("ddp", "fsdp"),
+    "activation_checkpointing": ("none", "full", "selective"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
 
@@ -235,7 +238,7 @@ def load_config(argv):
 def check_config(config):
     positive = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
                 "max_steps", "eval_interval", "log_interval"]
-    positive += ["checkpoint_interval", "max_nonfinite_steps", "stop_check_interval", "stop_grace"]
+    positive += ["checkpoint_interval", "max_nonfinite_steps", "stop_check_interval", "stop_grace", "ac_every"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")

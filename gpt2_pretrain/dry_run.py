@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from gpt2_pretrain.activation_checkpointing import checkpointed_blocks
 from gpt2_pretrain.flops import model_flops_per_token, peak_flops_for
 from gpt2_pretrain.fused_loss import rows_per_chunk
 from model import GPT
@@ -26,13 +27,14 @@ def memory_estimate(config, n_params, bf16=True, shards=1, gathered_params=0, de
     holds all of it); gathered_params: parameters FSDP holds whole at once (the root unit and two blocks,
     one computing and one prefetched), as bf16 weights and fp32 gradients before their reduce-scatter.
 
-    Activations follow Korthikanti et al. 2022 (34*B*T*C bytes per layer at 2 bytes a value, with flash
-    attention so no T*T scores are kept), plus the chunked loss (fused_loss.py): one chunk's logits in
-    bf16, float32 and their bf16 gradient, and the float32 gradients of the last hidden states and the
-    lm_head weight it keeps. A rough guide, not a promise: measured peaks are in docs/benchmarks.md.
+    Activations: what autograd keeps through the forward (activation_bytes), and with activation
+    checkpointing one block's, recomputed during its backward. The loss: the chunked loss (fused_loss.py),
+    one chunk's logits in bf16, float32 and their bf16 gradient, and the float32 gradients of the last
+    hidden states and the lm_head weight it keeps. A guide, not a promise: measured peaks are in
+    docs/benchmarks.md, and what is not counted in docs/distributed.md#activation-checkpointing.
     """
     B, T, C, V = config.batch_size, config.block_size, config.n_embd, config.vocab_size
-    value_scale = 1 if bf16 else 2
+    kept, recompute = activation_bytes(config, bf16)
     rows = rows_per_chunk(B * T, V, torch.device(device_type))
     # adamw keeps two fp32 moments per parameter; muon keeps one momentum on most, so this is an upper bound
     return {
@@ -40,9 +42,31 @@ def memory_estimate(config, n_params, bf16=True, shards=1, gathered_params=0, de
         "gradients": 4 * n_params / shards,
         "optimizer state": 8 * n_params / shards,
         **({"gathered": (2 + 4) * gathered_params} if shards > 1 else {}),
-        "activations": value_scale * 34 * B * T * C * config.n_layer,
+        "activations": kept,
+        **({"recompute": recompute} if recompute else {}),
         "loss": rows * V * ((2 if bf16 else 4) + 4 + 2) + 4 * B * T * C + 4 * V * C,
     }
+
+
+def activation_bytes(config, bf16=True):
+    """(bytes autograd keeps through the forward of one micro-batch, bytes of one checkpointed block's
+    recompute in its backward), counted op by op for model.py. Exact in float32 on a CPU (tests measure
+    it with saved_tensors_hooks); under bf16 autocast the matmuls keep bf16 inputs and outputs.
+
+    A block keeps, per token: its input and the mid-block residual (LayerNorm inputs) in float32, since the
+    residual adds stay float32 under autocast (fsdp's bf16 weights make them bf16: this is its upper bound);
+    14 values of C at the matmul width (ln_1's output, q, k, v, the attention output, ln_2's output, c_fc's
+    4C output and the GELU's 4C); float32 LayerNorm mean and rstd (4) and attention logsumexp per head.
+    No (T, T) scores: flash attention. No dropout masks: dropout is 0 for pretraining. A checkpointed
+    block keeps only its input. Outside the blocks: ln_f's input and statistics, the token and position ids.
+    """
+    B, T, C, n_head = config.batch_size, config.block_size, config.n_embd, config.n_head
+    residual, value = 4, 2 if bf16 else 4
+    block = B * T * (C * (2 * residual + 14 * value) + 4 * (4 + n_head))
+    checkpointed = len(checkpointed_blocks(config.n_layer, config.activation_checkpointing, config.ac_every))
+    outside = B * T * (C * residual + 4 * 2) + 8 * B * T + 8 * T
+    kept = (config.n_layer - checkpointed) * block + checkpointed * B * T * C * residual + outside
+    return kept, block if checkpointed else 0
 
 
 def largest_batch_size(config, n_params, memory_bytes, **sharding):

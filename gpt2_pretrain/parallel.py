@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2_pretrain.activation_checkpointing import apply_activation_checkpointing
+
 # fsdp and DTensor are imported where a sharded run needs them: importing them costs about 1.5 s of every
 # start-up (train.py, each torchrun worker, the scripts), which a ddp or single-process run never uses
 
@@ -57,7 +59,11 @@ def shard_model(model, info):
 
 
 def wrap_model(raw_model, config, info):
-    """(model to train, model to evaluate): sharded or DDP-wrapped, compiled when config.compile."""
+    """(model to train, model to evaluate): blocks checkpointed as configured, then sharded or DDP-wrapped,
+    compiled when config.compile."""
+    # first: fsdp's hooks and compile must see the checkpointed forward, so a block's recompute in the
+    # backward runs inside fsdp's all-gather of it and inside the compiled graph (docs/distributed.md)
+    apply_activation_checkpointing(raw_model.transformer.h, config.activation_checkpointing, config.ac_every)
     if config.parallel == "fsdp":
         shard_model(raw_model, info)
     model = torch.compile(raw_model) if config.compile else raw_model

@@ -8,8 +8,8 @@ torchrun also checks
 ShardedMuon (fsdp) and torch.optim.Muon (ddp's replicas) against torch.optim.Muon on whole matrices, a
 skipped non-finite step included, checks that fsdp's gradient accumulation reduce-scatters every
 micro-step and sums to the gradient of the whole batch, writes how many optimizer-state elements each
-rank holds to OUT_ROOT/state_rank{R}.json, and round-trips both setups' states through a sharded
-checkpoint.
+rank holds to OUT_ROOT/state_rank{R}.json, round-trips both setups' states through a sharded
+checkpoint, and trains ddp and fsdp with and without activation checkpointing into OUT_ROOT/ac_*.
 """
 
 import json
@@ -160,6 +160,17 @@ def count_state(config, info, out_root):
         json.dump(counts, f)
 
 
+def train_with_activation_checkpointing(token_dir, out_root, info):
+    """10 steps of 2 micro-steps (ddp's no_sync on the first), 3 blocks, ddp and fsdp each without activation
+    checkpointing and with it (ddp selective, fsdp full), into OUT_ROOT/ac_{parallel}_{mode}."""
+    os.environ.pop("GPT2_DEBUG_NAN_STEPS", None)  # every step a real one here
+    for parallel, mode in (("ddp", "none"), ("ddp", "selective"), ("fsdp", "none"), ("fsdp", "full")):
+        config = load_config(tiny_args(token_dir, os.path.join(out_root, f"ac_{parallel}_{mode}"), "--n_layer=3",
+                                       "--max_steps=10", "--eval_interval=5", "--total_batch_size=512",
+                                       f"--parallel={parallel}", f"--activation_checkpointing={mode}"))
+        train.train(config, info)
+
+
 def main():
     token_dir, out_root = sys.argv[1:3]
     distributed = "WORLD_SIZE" in os.environ
@@ -176,6 +187,7 @@ def main():
             check_muon_against_torch(sharded=False)
             check_accumulation(config, info)
             count_state(config, info, out_root)
+            train_with_activation_checkpointing(token_dir, out_root, info)
     finally:
         teardown_distributed()
 

@@ -19,7 +19,8 @@ def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_
     """2-process fsdp and 1-process ddp on the same global batch: the same losses and gradient norms step
     by step, for adamw and muon. The gradient norm is what catches gradients summed over ranks instead of
     averaged (pytorch issue 162338): Adam and Muon updates barely notice a 2x gradient, the norm doubles.
-    Step 1's loss is NaN in both: the non-finite guard skips its update in both alike."""
+    Step 1's loss is NaN in both: the non-finite guard skips its update in both alike. Under torchrun, ddp and
+    fsdp with activation checkpointing log what they log without it."""
     reference, sharded = str(tmp_path / "reference"), str(tmp_path / "fsdp")
     nan_step = {"GPT2_DEBUG_NAN_STEPS": "1"}
     result = run_python(["tests/fsdp_worker.py", token_dir, reference], env=nan_step)
@@ -50,6 +51,15 @@ def test_fsdp_matches_one_process_and_shards_the_optimizer_state(token_dir, tmp_
         assert sum(r[optimizer]["state"] for r in ranks) == full_state
         for r in ranks:
             assert abs(r[optimizer]["state"] - full_state / 2) <= 0.02 * full_state, (optimizer, r)
+
+    # activation checkpointing under torchrun changes nothing, bit for bit: each rank recomputes the same
+    # float32 ops on the same inputs, and the collectives (ddp's all-reduce, fsdp's all-gathers and
+    # reduce-scatters) see the same gradients in the same order
+    for parallel, mode in (("ddp", "selective"), ("fsdp", "full")):
+        runs = [read_metrics(os.path.join(sharded, f"ac_{parallel}_{m}")) for m in ("none", mode)]
+        logged = [[(m["step"], m.get("loss"), m.get("grad_norm"), m.get("val_loss")) for m in run] for run in runs]
+        assert len([record for record in logged[0] if record[1] is not None]) == 10
+        assert logged[1] == logged[0], parallel
 
 
 @pytest.mark.slow  # starts a Python process that imports torch: about 4 s each on the 2-core box
