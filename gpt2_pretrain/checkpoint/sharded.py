@@ -122,7 +122,8 @@ def save_sharded(meta, path, model, optimizers):
         except OSError as e:
             error = e
     raise_on_every_rank(error, tmp)  # no rank writes before the folder exists
-    step = int(re.search(r"(\d+)\.dcp$", path).group(1))
+    named = re.search(r"(\d+)\.dcp$", path)  # ckpt_STEP.dcp; the full-shard test hook picks steps by it
+    step = int(named.group(1)) if named else None
     storage = shard_writer(tmp, step, dist.get_rank(), dist.get_world_size())
     failed = None
     try:
