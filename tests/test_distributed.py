@@ -53,7 +53,9 @@ def test_one_failing_rank_ends_the_job(token_dir, tmp_path, mode, rank):
     else:
         # rank 0 killed: rank 1 waits briefly to hear from the others, not for an error rank 0 will never send
         killed_at = float(result.stderr.split("test: SIGKILL at ")[1].split()[0])
-        assert time.time() - killed_at < 8, f"the job took {time.time() - killed_at:.1f}s to end after the kill"
+        # about 3 s here (a 2 s wait at most, then the exits); the old fixed wait alone was 10 s. Under 10 s leaves
+        # a loaded 2-core box room and still fails the old code
+        assert time.time() - killed_at < 10, f"the job took {time.time() - killed_at:.1f}s to end after the kill"
         assert result.stderr.count("error: ") == 1 and "error: lost contact with rank 0 (" in result.stderr
         assert "[rank 1]" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
