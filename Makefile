@@ -3,7 +3,7 @@
 # make test-fast: the suite without the `slow` tests (multi-process, kill/resume, compile) and the `gpu` ones
 # make train TORCH_INDEX=https://download.pytorch.org/whl/cpu   torch from that wheel index (here PyTorch's
 #             CPU-only build) instead of PyPI's, which on Linux is the CUDA build with gigabytes of CUDA libraries
-# make test-compat: the fast tier under torch $(COMPAT_TORCH), the oldest torch supported, in a second venv (.venv-compat);
+# make test-compat: the fast tier under torch 2.11 (COMPAT_TORCH), the oldest supported, in a second venv (.venv-compat);
 #             PyPI's torch is the CUDA build (runs on CPU); TORCH_INDEX picks another wheel index as for `make train`
 # make gpu-check: the GPU check (docs/gpu_check.md) into GPU_CHECK_OUT; NO_VENV=1 runs it with $(PYTHON)'s own packages
 PYTHON ?= python3
