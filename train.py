@@ -9,10 +9,21 @@
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import time
 
-import torch
+if __name__ == "__main__":
+    def interrupted_while_loading(signum, frame):
+        print("error: interrupted by Ctrl-C during start-up, before anything was written: run the command again "
+              "(with --resume=auto, a run's checkpoints in out_dir are continued).", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+    # a Ctrl-C while torch loads (seconds) is one line, not an import traceback; Python's own handler is put
+    # back below, before main() (whose start-up turns a Ctrl-C into its own line)
+    signal.signal(signal.SIGINT, interrupted_while_loading)
+
+import torch  # noqa: E402
 from safetensors import SafetensorError
 
 from config import ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings, save_config
@@ -345,4 +356,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

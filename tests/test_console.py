@@ -81,6 +81,30 @@ def test_sighup_stops_like_sigterm(token_dir, tmp_path):
     assert f"run stopped by SIGHUP at step {stopped_at}/8" in console_log(out)
 
 
+def torch_is_loading(pid):
+    """Whether process `pid` has mapped torch's library: it is inside `import torch`, past train.py's first
+    lines (or done with it)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # starts train.py and interrupts it
+def test_ctrl_c_while_torch_loads_is_one_line(token_dir, tmp_path):
+    # the old code: Python's KeyboardInterrupt traceback from inside `import torch`
+    out = str(tmp_path / "run")
+    run = start(command(out, token_dir))
+    wait_for(lambda: torch_is_loading(run.pid), run, timeout=60)
+    run.send_signal(signal.SIGINT)
+    code, output = finish(run)
+    # still loading: the loading line; past it already: start-up's own line. One line either way
+    assert code == 2 and "Traceback" not in output, output
+    assert output.count("error: ") == 1 and "error: interrupted by Ctrl-C" in output, output
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
 def test_a_console_log_on_a_full_disk_never_stops_the_run(token_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
