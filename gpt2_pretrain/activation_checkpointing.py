@@ -13,9 +13,6 @@ import functools
 
 from torch.utils.checkpoint import checkpoint
 
-MODES = ("none", "full", "selective")
-
-
 def checkpointed_blocks(n_layer, mode, every):
     """Indices of the blocks whose activations are recomputed: none, all, or every `every`-th from the first."""
     if mode == "none":

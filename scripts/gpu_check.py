@@ -475,8 +475,9 @@ def main(argv=None):
             later = sum(part[1] for part in parts[index + 1:])
             timeout = min(deadline - time.time(), max(budget, deadline - time.time() - later))
             missing = [need for need in needs if check.parts.get(need, {}).get("status") not in ("passed", None)]
-            if cannot_run(name):
-                record = {"name": name, "budget_seconds": budget, "status": "failed", "detail": cannot_run(name),
+            blocked = cannot_run(name)
+            if blocked:
+                record = {"name": name, "budget_seconds": budget, "status": "failed", "detail": blocked,
                           "command": " ".join(command)}
             elif missing or timeout <= 1:
                 reason = f"needs {', '.join(missing)}, which did not pass" if missing else "no time left"

@@ -21,7 +21,8 @@ from gpt2_pretrain.checkpoint.sharded import SHARDED, is_sharded_checkpoint, loa
 
 SET_ASIDE = "set_aside"  # the folder of out_dir that older timelines and broken files are moved into
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
-RESUME_MUST_MATCH = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings", "optimizer")
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings")
+RESUME_MUST_MATCH = (*MODEL_SHAPE, "optimizer")
 REQUIRED_KEYS = ("model", "optimizers", "step", "config", "ranks")
 
 
@@ -97,21 +98,24 @@ def init_weights(path, config):
     checkpoint, problem = try_load(path, required=("model", "config"))
     if checkpoint is None:
         raise ConfigError(f"init_from '{path}' is unusable ({problem}).")
-    requested = config_to_dict(config)
-    differ = [f"{k}: {checkpoint['config'].get(k)!r} in the checkpoint, {requested[k]!r} requested"
-              for k in RESUME_MUST_MATCH if k != "optimizer" and checkpoint["config"].get(k) != requested[k]]
+    differ = refused_keys(checkpoint["config"], config_to_dict(config), MODEL_SHAPE)
     if differ:
         raise ConfigError(f"init_from '{path}' holds another model shape: {'; '.join(differ)}. Set these keys to "
                           f"the checkpoint's values.")
     return model_weights(path, checkpoint)
 
 
+def refused_keys(saved, requested, keys):
+    """'key: X in the checkpoint, Y requested' for each of `keys` (in that order) whose values differ."""
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested" for k in keys
+            if saved.get(k) != requested[k]]
+
+
 def compare_configs(saved, config):
     """Refuse a checkpoint of another model; return the other keys that differ as 'key: old -> new'."""
     requested = config_to_dict(config)
     differ = [k for k in requested if k != "resume" and saved.get(k) != requested[k]]
-    refused = [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested"
-               for k in differ if k in RESUME_MUST_MATCH]
+    refused = refused_keys(saved, requested, RESUME_MUST_MATCH)
     if refused:
         raise ConfigError("the checkpoint holds a different model; differing keys:\n  " + "\n  ".join(refused) +
                           "\nResume with the checkpoint's values, or start a new run in another --out_dir.")
