@@ -42,14 +42,14 @@ def test_rotary_matches_its_definition_and_depends_on_relative_positions_only():
     x = torch.randn(1, 1, T, hs, dtype=torch.float64)
     cos, sin = rotary_cos_sin(T, hs, "cpu")
     rotated = apply_rotary(x, cos.double(), sin.double())
+    expected = torch.empty_like(x)
     for t in range(T):
         for i in range(hs // 2):  # the pair (i, i + hs/2) turned by the angle t * base ** (-2i / hs)
             angle = t * base ** (-2 * i / hs)
             a, b = x[0, 0, t, i].item(), x[0, 0, t, i + hs // 2].item()
-            # 1e-6: the angles are float32 (as in the model), rotated values of size ~1
-            assert rotated[0, 0, t, i].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-6)
-            assert rotated[0, 0, t, i + hs // 2].item() == pytest.approx(a * math.sin(angle) + b * math.cos(angle),
-                                                                           abs=1e-6)
+            expected[0, 0, t, i] = a * math.cos(angle) - b * math.sin(angle)
+            expected[0, 0, t, i + hs // 2] = a * math.sin(angle) + b * math.cos(angle)
+    torch.testing.assert_close(rotated, expected, atol=1e-6, rtol=0)  # the model's angles are float32; values ~1
     # q at position t and k at s score as q at t+d and k at s+d: the same vector at every position
     q, k = torch.randn(hs).repeat(1, 1, T, 1), torch.randn(hs).repeat(1, 1, T, 1)
     scores = apply_rotary(q, cos, sin)[0, 0] @ apply_rotary(k, cos, sin)[0, 0].T
