@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.shards import write_shard  # noqa: E402
 from scripts.compare_optimizers import (CompareError, final_loss, git_commit, pick_best, run_flags,  # noqa: E402
-                                        spread, steps_to_reach, sweep_edge, train_run)
+                                        spread, step_fractions, sweep_edge, train_run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "gpt2_adamw"
@@ -65,15 +65,6 @@ def byte_shards(text_dir, out_dir, val_documents=3):
 def recipe_flags(recipe, lr, seed, args):
     optimizer, flags = RECIPES[recipe]
     return run_flags(optimizer, lr, seed, args) + flags
-
-
-def fractions_to_baseline(curves, baseline_curves):
-    """Per seed: steps a recipe needs to reach that seed's baseline final val loss, over the baseline's steps."""
-    fractions = {}
-    for seed, baseline in baseline_curves.items():
-        reach = steps_to_reach(curves[seed], baseline[-1][1])
-        fractions[seed] = None if reach is None else reach / baseline[-1][0]
-    return fractions
 
 
 def report(result):
@@ -145,7 +136,8 @@ def main(argv=None):
                 "finished": record["finished"], "wall_s": record["wall_s"], "flags": record["flags"]}
 
     curves = {r: {seed: tuned[(r, seed)]["curve"] for seed in args.seeds} for r in RECIPES}
-    fractions = {r: fractions_to_baseline(curves[r], curves[BASELINE]) for r in RECIPES}
+    # per seed: the steps a recipe needs to reach that seed's baseline final val loss, over the baseline's steps
+    fractions = {r: step_fractions(curves[r], curves[BASELINE]) for r in RECIPES}
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
