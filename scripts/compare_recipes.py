@@ -87,7 +87,7 @@ def report(result):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adamw_lrs", type=float, nargs="+", default=[1e-3, 3e-3, 9e-3])
-    parser.add_argument("--muon_lrs", type=float, nargs="+", default=[0.01, 0.03, 0.09])
+    parser.add_argument("--muon_lrs", type=float, nargs="+", default=[0.0033, 0.01, 0.03, 0.09])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339], help="the sweep uses the first")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--n_layer", type=int, default=4)
