@@ -34,7 +34,14 @@ class TrainConfig:
     block_size: int = 1024  # context length in tokens
     vocab_size: int = 50304  # GPT-2's 50257 tokens padded to a multiple of 128
     dropout: float = 0.0  # dropout probability (0 for pretraining)
-    tie_embeddings: bool = True  # share the token embedding with lm_head, as GPT-2 does
+    tie_embeddings: bool = True  # share the token embedding with lm_head, as GPT-2 does (modern: false)
+    architecture: str = "gpt2"  # gpt2 | modern: sets the defaults of the switches here marked (modern: ...)
+    rotary: bool = False  # rotary position embeddings on q and k, no learned wpe (modern: true)
+    qk_norm: bool = False  # RMS-normalise q and k per head, without parameters (modern: true)
+    mlp: str = "gelu"  # gelu (tanh approximation) | relu2: relu(x)^2 (modern: relu2)
+    norm: str = "layernorm"  # layernorm (gain and bias) | rmsnorm (no parameters) (modern: rmsnorm)
+    zero_init: bool = False  # attn.c_proj and mlp.c_proj start at zero: each block starts as identity (modern: true)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 off (modern: 15.0)
     init_from: str = ""  # start from a GPT-2 folder (config.json + model.safetensors) or a checkpoint's weights
     # data
     data_dir: str = "data/fineweb10B"  # folder of uint16 .npy shards and manifest.json (data/prepare.py)
@@ -46,6 +53,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
     max_steps: int = 19073  # optimizer steps; 19073 * 2**19 tokens is one pass over 10B tokens
     warmup_steps: int = 715  # linear warmup steps before the cosine decay
+    lr_schedule: str = "cosine"  # cosine (decay after the warmup) | wsd (constant, then linear decay: warmdown_frac)
+    warmdown_frac: float = 0.2  # wsd: the last fraction of max_steps, over which the lr decays linearly to min_lr
     learning_rate: float = 6e-4  # peak learning rate (AdamW)
     min_lr: float = 6e-5  # learning rate reached at max_steps and kept after
     weight_decay: float = 0.1  # AdamW weight decay on matmul and embedding weights only
@@ -90,11 +99,27 @@ class TrainConfig:
 
 
 CHOICES = {
+    "architecture": ("gpt2", "modern"),
+    "mlp": ("gelu", "relu2"),
+    "lr_schedule": ("cosine", "wsd"),
+    "norm": ("layernorm", "rmsnorm"),
     "optimizer": ("adamw", "muon"),
     "parallel": ("ddp", "fsdp"),
     "activation_checkpointing": ("none", "full", "selective"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
+
+
+# the switches each --architecture sets, unless a config file or flag sets them itself (so an ablation is one
+# flag: --architecture=modern --qk_norm=false); gpt2 is TrainConfig's defaults, and what a checkpoint written
+# before these keys existed holds
+ARCHITECTURES = {
+    "gpt2": dict(tie_embeddings=True, rotary=False, qk_norm=False, mlp="gelu", norm="layernorm", zero_init=False,
+                 logit_softcap=0.0),
+    "modern": dict(tie_embeddings=False, rotary=True, qk_norm=True, mlp="relu2", norm="rmsnorm", zero_init=True,
+                   logit_softcap=15.0),
+}
+ARCHITECTURE_KEYS = tuple(ARCHITECTURES["gpt2"])
 
 
 def field_help():
@@ -230,6 +255,8 @@ def load_config(argv):
             if key not in types:
                 raise _unknown_key(key, source)
             values[key] = _convert(key, value, types[key], source)
+    for key, value in ARCHITECTURES[values.get("architecture", TrainConfig.architecture)].items():
+        values.setdefault(key, value)  # a switch set by a file or flag wins over its architecture's value
     config = TrainConfig(**values)
     check_config(config)
     return config
@@ -244,17 +271,23 @@ def check_config(config):
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
+    if config.rotary and (config.n_embd // config.n_head) % 2:
+        raise ConfigError(f"--rotary rotates pairs of a head's channels: n_embd / n_head ({config.n_embd} / "
+                          f"{config.n_head}) must be even; change n_embd or n_head, or set --rotary=false.")
     if config.eval_iters < -1:
         raise ConfigError(f"config key 'eval_iters' must be -1 (all of val), 0 (no evaluation) or positive; "
                           f"got {config.eval_iters}.")
     for key in ("warmup_steps", "keep_last", "sample_tokens", "seed"):
         if getattr(config, key) < 0:
             raise ConfigError(f"config key '{key}' must not be negative; got {getattr(config, key)}.")
+    if not 0 <= config.warmdown_frac <= 1:
+        raise ConfigError(f"config key 'warmdown_frac' must be in [0, 1] (a fraction of max_steps); got "
+                          f"{config.warmdown_frac}.")
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= getattr(config, key) < 1:
             raise ConfigError(f"config key '{key}' must be in [0, 1); got {getattr(config, key)}.")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "matrix_lr", "embedding_lr",
-                "unembedding_lr"):
+                "unembedding_lr", "logit_softcap"):
         if not 0 <= getattr(config, key) < float("inf"):
             raise ConfigError(f"config key '{key}' must be a finite number >= 0; got {getattr(config, key)}.")
     if config.learning_rate == 0:  # the schedule scales each group's lr by lr / learning_rate

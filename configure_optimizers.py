@@ -36,24 +36,33 @@ def configure_adamw(model, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1
     return optimizer
 
 
-def get_lr(step, learning_rate, min_lr, warmup_steps, max_steps):
-    """Linear warmup (step 0 already gets lr/warmup_steps), cosine decay to min_lr at max_steps, then min_lr."""
+def get_lr(step, learning_rate, min_lr, warmup_steps, max_steps, schedule="cosine", warmdown_frac=0.2):
+    """Linear warmup (step 0 already gets lr/warmup_steps), then to min_lr at max_steps, then min_lr:
+    cosine: a cosine decay over all the steps after the warmup;
+    wsd (warmup-stable-decay): learning_rate until the last warmdown_frac of max_steps, then linear to min_lr."""
     if step < warmup_steps:
         return learning_rate * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
-    decay_ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    if schedule == "wsd":
+        warmdown_steps = max(1, round(warmdown_frac * max_steps))
+        coeff = min(1.0, (max_steps - step) / warmdown_steps)  # 1 until the warmdown, then linear -> 0
+    else:
+        decay_ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_steps", "max_steps")  # get_lr's arguments after step
+# get_lr's arguments after step; the values a checkpoint written before the last two existed ran with
+SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_steps", "max_steps", "lr_schedule", "warmdown_frac")
+SCHEDULE_BEFORE_KEYS = {"lr_schedule": "cosine", "warmdown_frac": 0.2}
 
 
 def lr_jump_warning(saved, current, step):
     """A `warning:` line when a run resumed at `step` gets another lr than the checkpoint's schedule gave it
     (a finished run continued with a larger max_steps: min_lr -> mid-cosine at once), else None.
     saved, current: the checkpoint's config and this run's, as dicts."""
+    saved = {**SCHEDULE_BEFORE_KEYS, **saved}
     before = get_lr(step, *(saved[key] for key in SCHEDULE_KEYS))
     after = get_lr(step, *(current[key] for key in SCHEDULE_KEYS))
     if math.isclose(before, after, rel_tol=1e-3):

@@ -26,7 +26,8 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from safetensors import SafetensorError
 
-from config import ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings, save_config
+from config import (ARCHITECTURE_KEYS, ConfigError, config_to_dict, format_config, help_text, load_config, plan_warnings,
+                    save_config)
 from configure_optimizers import (configure_adamw, configure_muon, get_lr, lr_jump_warning, muon_momentum, set_lr,
                                   set_muon_momentum)
 from data.loader import DataError, DataLoader, split_tokens
@@ -64,7 +65,7 @@ def grad_accum_steps_for(config, world_size):
 def model_config(config):
     return GPTConfig(block_size=config.block_size, vocab_size=config.vocab_size, n_layer=config.n_layer,
                      n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
-                     tie_embeddings=config.tie_embeddings)
+                     **{key: getattr(config, key) for key in ARCHITECTURE_KEYS})
 
 
 def make_optimizers(config, model, device_type, log=print0):
@@ -108,7 +109,8 @@ def train_step(model, optimizers, next_batch, grad_accum_steps, step, config, in
     all_reduce_mean(loss_accum, info)
     max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
     grad_norm = clip_grad_norm(model.parameters(), max_norm)  # pre-clip norm, over all shards
-    lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps)
+    lr = get_lr(step, config.learning_rate, config.min_lr, config.warmup_steps, config.max_steps, config.lr_schedule,
+                config.warmdown_frac)
     set_lr(optimizers, lr / config.learning_rate)
     set_muon_momentum(optimizers, muon_momentum(step, final=config.muon_momentum))
     finite = guard.record(step, loss_accum, grad_norm)  # same on every rank: both are already reduced

@@ -18,32 +18,38 @@ GPU_CHUNK_ELEMENTS = 2**28
 CPU_CHUNK_ELEMENTS = 2**26
 
 
-def _chunk_loss_and_grad(logits, targets, dtype):
+def _chunk_loss_and_grad(logits, targets, dtype, softcap=0.0):
     """Summed loss of the valid rows and d(summed loss)/d(logits), in the logits' dtype.
 
     Rows of ignored targets (-1) get a gradient too; the caller zeroes them on the narrow side (x's
-    rows), which is cheaper than masking all V columns here."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # the softmax in float32 whatever the matmul dtype
+    rows), which is cheaper than masking all V columns here. softcap > 0: the loss of cap * tanh(logits / cap)."""
+    logits = logits.float()  # the softmax in float32 whatever the matmul dtype
+    if softcap > 0:
+        tanh = torch.tanh(logits / softcap)
+        logits = softcap * tanh
+    logp = torch.log_softmax(logits, dim=-1)
     valid = targets != -1
     safe_targets = torch.where(valid, targets, 0)[:, None]
     loss_sum = torch.where(valid, -logp.gather(1, safe_targets).squeeze(1), 0.0).sum()
     grad = logp.exp_()  # softmax, in place of log-softmax: one (rows, V) float32 matrix in all
     grad.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1.0, dtype=grad.dtype))
+    if softcap > 0:
+        grad *= 1 - tanh.square()  # d(cap * tanh(z / cap))/dz
     return loss_sum, grad.to(dtype)
 
 
 _compiled_chunk = None
 
 
-def chunk_loss_and_grad(logits, targets):
+def chunk_loss_and_grad(logits, targets, softcap=0.0):
     """Inside a compiled model inductor fuses this with the rest; an eager model on CUDA gets it compiled
     on its own (two fused kernels instead of seven passes over the logits)."""
     global _compiled_chunk
     if not logits.is_cuda or torch.compiler.is_compiling():
-        return _chunk_loss_and_grad(logits, targets, logits.dtype)
+        return _chunk_loss_and_grad(logits, targets, logits.dtype, softcap)
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
-    return _compiled_chunk(logits, targets, logits.dtype)
+    return _compiled_chunk(logits, targets, logits.dtype, softcap)
 
 
 def rows_per_chunk(n_rows, vocab_size, device):
@@ -64,13 +70,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean over valid rows of cross_entropy(x @ weight.T, targets); x (N, C), weight (V, C), targets (N,)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype, grad_enabled):
+    def forward(ctx, x, weight, targets, dtype, grad_enabled, softcap=0.0):
         ctx.weight_dtype = weight.dtype
         with torch.autocast(x.device.type, enabled=False):  # the dtypes below are chosen by hand
-            return LinearCrossEntropy._forward(ctx, x, weight, targets, dtype, grad_enabled)
+            return LinearCrossEntropy._forward(ctx, x, weight, targets, dtype, grad_enabled, softcap)
 
     @staticmethod
-    def _forward(ctx, x, weight, targets, dtype, grad_enabled):
+    def _forward(ctx, x, weight, targets, dtype, grad_enabled, softcap):
         n_valid = (targets != -1).sum()
         x_c, weight_c = x.to(dtype), weight.to(dtype)
         # needs_input_grad is true for a Parameter even under no_grad: the caller's grad mode decides
@@ -84,10 +90,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             x_chunk = x_c[start:start + step]
             logits = x_chunk @ weight_c.t()  # (rows, V): the only logits alive at once
             if not want_grad:
-                loss_sum += F.cross_entropy(logits.float(), targets[start:start + step], ignore_index=-1,
-                                            reduction="sum")
+                logits = logits.float()
+                if softcap > 0:
+                    logits = softcap * torch.tanh(logits / softcap)
+                loss_sum += F.cross_entropy(logits, targets[start:start + step], ignore_index=-1, reduction="sum")
                 continue
-            chunk_loss, grad_logits = chunk_loss_and_grad(logits, targets[start:start + step])
+            chunk_loss, grad_logits = chunk_loss_and_grad(logits, targets[start:start + step], softcap)
             loss_sum += chunk_loss
             grad_x[start:start + step] = (grad_logits @ weight_c) * valid
             if grad_weight is not None:
@@ -109,10 +117,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         factor = grad_output * scale
         grad_x = grad_x * factor.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
         grad_weight = (grad_weight * factor).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, None, None, None
+        return grad_x, grad_weight, None, None, None, None
 
 
-def linear_cross_entropy(x, weight, targets):  # torch.compile traces into it: one graph with the model
-    """Loss of lm_head(x) (no bias) against targets (-1 = ignore) without materializing all the logits."""
+def linear_cross_entropy(x, weight, targets, softcap=0.0):  # torch.compile traces into it: one graph with the model
+    """Loss of lm_head(x) (no bias) against targets (-1 = ignore) without materializing all the logits;
+    softcap > 0: of the soft-capped logits cap * tanh(logits / cap)."""
     x = x.reshape(-1, x.size(-1))
-    return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), compute_dtype(x), torch.is_grad_enabled())
+    return LinearCrossEntropy.apply(x, weight, targets.reshape(-1), compute_dtype(x), torch.is_grad_enabled(),
+                                    float(softcap))

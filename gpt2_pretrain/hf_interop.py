@@ -17,13 +17,24 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from config import ConfigError
+from config import ARCHITECTURE_KEYS, ARCHITECTURES, ConfigError
 from data.tokenizer import EOT_TOKEN, hf_vocab_and_merges
 from gpt2_pretrain.atomic import atomic_path, atomic_write
 from model import GPT2_VOCAB_SIZE
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tie_embeddings")
+HF_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", *ARCHITECTURE_KEYS)
+# the modern switches (config.ARCHITECTURES) transformers' GPT2LMHeadModel has no place for; an untied head it has
+GPT2_CANNOT_HOLD = {"rotary": "rotary positions", "qk_norm": "QK-norm", "mlp": "a relu2 MLP",
+                    "norm": "RMSNorm without parameters", "logit_softcap": "logit soft-capping"}
+
+
+def features_gpt2_cannot_hold(model_config):
+    """What of a checkpoint's model keys transformers' GPT-2 cannot hold, as 'rotary positions (rotary=True)'.
+    zero_init is only how the weights started: a trained model with it is still GPT-2 shaped."""
+    gpt2 = ARCHITECTURES["gpt2"]
+    return [f"{name} ({key}={model_config[key]!r})" for key, name in GPT2_CANNOT_HOLD.items()
+            if model_config.get(key, gpt2[key]) != gpt2[key]]
 
 
 def hf_config(model_config):
@@ -119,6 +130,8 @@ def import_hf(folder, vocab_size=50304):
 
 
 def mismatched_keys(model_keys, config):
-    """Keys where a GPT-2 folder and the requested config disagree, as 'key: folder vs config'."""
-    return [f"{k}: {model_keys[k]} in the folder vs {getattr(config, k)} requested" for k in HF_SHAPE_KEYS
+    """Keys where a GPT-2 folder and the requested config disagree, as 'key: folder vs config'; the folder
+    holds GPT-2 (config.ARCHITECTURES) in the switches it has no key for."""
+    model_keys = {**ARCHITECTURES["gpt2"], **model_keys}
+    return [f"{k}: {model_keys[k]!r} in the folder vs {getattr(config, k)!r} requested" for k in HF_SHAPE_KEYS
             if model_keys[k] != getattr(config, k)]

@@ -287,8 +287,8 @@ def run_summary(config, argv, wall_seconds, step, stopped_by=None, can_sample=Tr
                                    f"--max_steps={config.max_steps if stopped_by else step + config.max_steps}"]),
     ]
     if not stopped_by:
-        lines.append("            (the cosine is stretched to the new max_steps: the lr rises from min_lr at once; "
-                     "the resumed run prints it before and after)")
+        lines.append(f"            (the {config.lr_schedule} schedule is stretched to the new max_steps: the lr rises "
+                     f"from min_lr at once; the resumed run prints it before and after)")
     return lines
 
 

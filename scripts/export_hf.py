@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ConfigError  # noqa: E402
 from gpt2_pretrain.checkpoint.files import model_weights  # noqa: E402
-from gpt2_pretrain.hf_interop import export_hf, export_tokenizer  # noqa: E402
+from gpt2_pretrain.hf_interop import export_hf, export_tokenizer, features_gpt2_cannot_hold  # noqa: E402
 from scripts.sample import find_checkpoint  # noqa: E402
 
 
@@ -29,6 +29,12 @@ def main(argv=None):
         path, checkpoint = find_checkpoint(args.checkpoint, required=("model", "config"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cannot := features_gpt2_cannot_hold(checkpoint["config"]):
+        print(f"error: {path} is a --architecture={checkpoint['config'].get('architecture', 'gpt2')} model with "
+              f"{', '.join(cannot)}, which transformers' GPT-2 cannot hold: only a GPT-2 model (learned positions, "
+              f"GELU, LayerNorm, no soft-cap; tied or untied head) exports; use scripts/sample.py and "
+              f"scripts/eval.py on the checkpoint itself.", file=sys.stderr)
         return 2
     try:
         export_hf(model_weights(path, checkpoint), checkpoint["config"], args.out_dir)

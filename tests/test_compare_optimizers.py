@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, make_token_shards, read_metrics, run_python
@@ -30,6 +31,19 @@ def test_pick_best_takes_the_lowest_finite_loss():
     assert compare.pick_best({0.01: 5.0, 0.02: 4.0, 0.04: 3.5}) == 0.04  # an edge wins when it is lowest
     with pytest.raises(compare.CompareError):
         compare.pick_best({0.01: math.nan, 0.02: math.inf})
+
+
+def test_recipes_hold_out_the_last_documents_as_byte_level_val(tmp_path):
+    from scripts.compare_recipes import byte_shards
+
+    texts = {f"{name}.txt": name.encode() * 3 for name in ("a", "b", "c", "d", "e")}
+    for name, data in texts.items():
+        (tmp_path / name).write_bytes(data)
+    out = byte_shards(str(tmp_path), str(tmp_path / "bytes"), val_documents=2)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    splits = {s["split"]: np.load(os.path.join(out, s["name"])) for s in manifest["shards"]}
+    assert bytes(splits["val"].astype(np.uint8)) == b"ddd" + b"eee" and splits["val"].dtype == np.uint16
+    assert bytes(splits["train"].astype(np.uint8)) == b"aaabbbccc"
 
 
 def test_fractions_on_hand_made_curves():

@@ -164,6 +164,8 @@ def rename_a_shard_to_a_number(data):
 FORMER_TRACEBACKS = [  # (program, its arguments with {data}/{out}, what is set up first, the message)
     ("train", ["--learning_rate=0"], None, "config key 'learning_rate' must be positive; got 0.0"),
     ("train", ["--seed=-1"], None, "config key 'seed' must not be negative; got -1"),
+    ("train", ["--architecture=modern", "--n_head=32"], None,
+     "--rotary rotates pairs of a head's channels: n_embd / n_head (32 / 32) must be even"),
     ("train", ["{out}/exit.py"], lambda d, o, m: write(f"{o}/exit.py", "import sys\nsys.exit(3)\n"),
      "config file '{out}/exit.py' could not be read: SystemExit: 3"),
     ("train", ["--max_steps", "100"], None, "'--max_steps 100': flags take --key=value, with no space: write "

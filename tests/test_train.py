@@ -123,7 +123,7 @@ def test_chunked_loss_trains_like_the_full_logits(token_dir, tmp_path, monkeypat
     chunked = str(tmp_path / "chunked")
     train.main(tiny_args(token_dir, chunked, *args))
     monkeypatch.setattr(model, "linear_cross_entropy",
-                        lambda x, w, y: F.cross_entropy((x @ w.t()).float().flatten(0, -2), y.flatten(),
+                        lambda x, w, y, softcap=0.0: F.cross_entropy((x @ w.t()).float().flatten(0, -2), y.flatten(),
                                                         ignore_index=-1))
     full = str(tmp_path / "full")
     train.main(tiny_args(token_dir, full, *args))

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import ConfigError, config_to_dict
+from config import ARCHITECTURE_KEYS, ARCHITECTURES, ConfigError, config_to_dict
 from gpt2_pretrain.atomic import atomic_write, fsync_path
 from gpt2_pretrain.checkpoint.checksum import checksum_problem
 from gpt2_pretrain.checkpoint.sharded import SHARDED, is_sharded_checkpoint, load_full_weights, read_meta
 
 SET_ASIDE = "set_aside"  # the folder of out_dir that older timelines and broken files are moved into
 CHECKPOINT_NAME = re.compile(r"^(ckpt|best)_(\d+)\.(pt|dcp)$")
-MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "tie_embeddings")
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", *ARCHITECTURE_KEYS)
 RESUME_MUST_MATCH = (*MODEL_SHAPE, "optimizer")
 REQUIRED_KEYS = ("model", "optimizers", "step", "config", "ranks")
 
@@ -106,15 +106,30 @@ def init_weights(path, config):
 
 
 def refused_keys(saved, requested, keys):
-    """'key: X in the checkpoint, Y requested' for each of `keys` (in that order) whose values differ."""
+    """'key: X in the checkpoint, Y requested' for each of `keys` (in that order) whose values differ.
+    A checkpoint written before the architecture switches existed holds GPT-2."""
+    saved = {**ARCHITECTURES["gpt2"], **saved}
     return [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} requested" for k in keys
             if saved.get(k) != requested[k]]
+
+
+def architecture_refusal(saved, requested):
+    """One line when the checkpoint's architecture switches differ from the run's, else None."""
+    differ = refused_keys(saved, requested, ARCHITECTURE_KEYS)
+    if not differ:
+        return None
+    return (f"the checkpoint holds a --architecture={saved.get('architecture', 'gpt2')} model and this run asks for "
+            f"--architecture={requested['architecture']} ({'; '.join(differ)}): resume with the checkpoint's "
+            f"architecture and switches, or start a new run in another --out_dir.")
 
 
 def compare_configs(saved, config):
     """Refuse a checkpoint of another model; return the other keys that differ as 'key: old -> new'."""
     requested = config_to_dict(config)
+    saved = {"architecture": "gpt2", **ARCHITECTURES["gpt2"], **saved}  # a checkpoint from before the switches
     differ = [k for k in requested if k != "resume" and saved.get(k) != requested[k]]
+    if refusal := architecture_refusal(saved, requested):
+        raise ConfigError(refusal)  # one line: the switches, not a list of each shape key
     refused = refused_keys(saved, requested, RESUME_MUST_MATCH)
     if refused:
         raise ConfigError("the checkpoint holds a different model; differing keys:\n  " + "\n  ".join(refused) +
