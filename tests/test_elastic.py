@@ -17,7 +17,9 @@ import torch
 
 from config import ConfigError
 from gpt2_pretrain import errors
+from gpt2_pretrain.checkpoint.files import latest_valid, list_checkpoints, try_load
 from gpt2_pretrain.errors import hold_out_dir
+from gpt2_pretrain.watchdog import Watchdog, beat, watching
 from tests.conftest import (DELAY, RESUME_ARGS, ROOT, curve, make_token_shards, read_metrics, start, tiny_args,
                             workers)
 
@@ -128,7 +130,7 @@ def test_a_killed_then_a_hung_worker_are_restarted_by_torchrun_and_the_losses_ma
 
 
 @pytest.mark.slow
-def test_a_hang_with_no_restart_left_is_one_error_and_the_run_resumes(reference, tmp_path):
+def test_a_hang_with_no_restart_left_is_one_error_and_out_dir_is_kept_resumable(reference, tmp_path):
     token_dir, reference_out = reference
     out = str(tmp_path / "out")
     job = torchrun_job(out, token_dir)  # torchrun's default: no restart
@@ -141,11 +143,14 @@ def test_a_hang_with_no_restart_left_is_one_error_and_the_run_resumes(reference,
     assert "torchrun has no restart left: the stacks above show where each live rank was" in ours[0]
     assert "watchdog: rank 0 made no progress" in output and "lost contact" not in output
 
-    # out_dir is intact: the same command continues from its checkpoint and ends where the reference does
-    assert torch.load(os.path.join(out, "ckpt_000003.pt"), weights_only=True)["step"] == 3
-    code, output = torchrun_job(out, token_dir, env=None).finish()
-    assert code == 0, output
-    assert curve(out) == curve(reference_out)
+    # out_dir is intact and resumable: every checkpoint is usable, --resume=auto takes the newest (what it then
+    # does, exactly: tests/test_resume.py), and the metrics so far are the reference's
+    skipped = []
+    path, checkpoint = latest_valid(out, warn=skipped.append)
+    assert not skipped and checkpoint["step"] >= 3 and path == list_checkpoints(out)[0][1]
+    assert all(try_load(path)[0] is not None for _, path in list_checkpoints(out))
+    so_far = records(out)
+    assert len(so_far) >= 5 and so_far == records(reference_out)[:len(so_far)]  # steps 0-2 and the val losses at 0, 2
 
 
 def free_port():
@@ -214,3 +219,25 @@ def test_a_restart_of_the_same_torchrun_job_waits_for_its_previous_attempt_and_a
         with pytest.raises(ConfigError, match="still held by the previous attempt of this torchrun job"):
             with hold_out_dir(out):
                 pass
+
+
+def test_the_watchdog_fires_after_its_timeout_without_a_step_and_not_while_steps_come(monkeypatch):
+    fired = []
+
+    def report(watchdog, idle):  # instead of writing the stacks and exiting the process
+        fired.append((watchdog.step, idle, time.monotonic()))
+        watchdog.stopped.set()
+
+    monkeypatch.setattr(Watchdog, "_report_and_exit", report)
+    with watching(1.5, rank=0, enabled=True):
+        started = time.monotonic()
+        for step in range(20):  # a step every 0.1 s for 2 s: longer than the timeout in all, never so long apart
+            beat(step)
+            time.sleep(0.1)  # the steps' pace is the condition under test
+        assert not fired
+        last_beat = time.monotonic()
+        beat(20)
+        while not fired and time.monotonic() < started + 30:
+            time.sleep(0.02)
+    step, idle, when = fired[0]
+    assert step == 20 and idle > 1.5 and when - last_beat < 1.5 + 2  # the timeout, a poll and slack for a loaded CPU
