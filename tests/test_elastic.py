@@ -103,8 +103,13 @@ def test_a_killed_then_a_hung_worker_are_restarted_by_torchrun_and_the_losses_ma
     first = workers(job.process.pid)
     os.kill(first[1], signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: job.first("step     3/8 |", after=killed), job)
-    print(f"SIGKILL to training again: {job.first('step     3/8 |', after=killed) - killed:.1f} s")
+
+    def training_again():  # the resumed attempt's first step (the killed attempt may still log its step 3)
+        resumed = job.first("resumed from", after=killed)
+        return resumed and job.first("step     3/8 |", after=resumed)
+
+    wait_until(training_again, job)
+    print(f"SIGKILL to training again: {training_again() - killed:.1f} s")
 
     # a worker frozen (SIGSTOP): the live rank's watchdog reports its stack and exits; the job restarts again
     second = workers(job.process.pid)
