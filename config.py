@@ -84,13 +84,14 @@ class TrainConfig:
     wandb_run_name: str = ""  # W&B run name (empty: W&B picks one)
     peak_flops: float = 0.0  # peak FLOP/s of one device for MFU (0: look up the GPU's dense bf16 peak)
     # checkpoints
-    checkpoint_interval: int = 500  # steps between checkpoints; one also at the end and on SIGTERM/SIGINT/SIGHUP
+    checkpoint_interval: int = 500  # steps between checkpoints; one also at the end and on a stop signal
     stop_check_interval: int = 10  # steps between the ranks' checks for a stop signal under torchrun, at most
     stop_grace: float = 20.0  # seconds from a stop signal to its checkpoint, at most (torchrun and Slurm kill at 30)
     keep_last: int = 2  # ckpt_STEP.pt files kept in out_dir (0 keeps all), besides the best-val one
     keep_best: bool = True  # also keep best_STEP.pt, the checkpoint with the lowest val loss so far
     resume: str = "auto"  # auto (latest valid checkpoint in out_dir, else start fresh) | never | PATH to a checkpoint
     max_nonfinite_steps: int = 10  # NaN/inf steps in a row (each one's update skipped) before the run stops
+    hang_timeout_s: float = 600.0  # under torchrun: seconds without a step before a rank writes its stacks and exits
     # muon (used with --optimizer=muon)
     matrix_lr: float = 0.02  # Muon lr for the 2-D matrices inside the blocks
     embedding_lr: float = 0.005  # AdamW lr for wpe and an untied wte, times (n_embd/768)**-0.5
@@ -265,7 +266,8 @@ def load_config(argv):
 def check_config(config):
     positive = ["n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
                 "max_steps", "eval_interval", "log_interval"]
-    positive += ["checkpoint_interval", "max_nonfinite_steps", "stop_check_interval", "stop_grace", "ac_every"]
+    positive += ["checkpoint_interval", "max_nonfinite_steps", "stop_check_interval", "stop_grace", "ac_every",
+                 "hang_timeout_s"]
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")

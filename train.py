@@ -47,6 +47,7 @@ from gpt2_pretrain.hf_interop import import_hf, mismatched_keys
 from gpt2_pretrain.logging import Logger, Progress, data_size, run_summary
 from gpt2_pretrain.muon import ShardedMuon
 from gpt2_pretrain.parallel import clip_grad_norm, set_gradient_sync, wrap_model
+from gpt2_pretrain.watchdog import beat, process_group_timeout, watching
 from model import GPT, GPTConfig
 
 
@@ -230,13 +231,14 @@ def train(config, info, argv=()):
 
     per_token_flops, peak_flops = model_flops_per_token(raw_model), device_peak_flops(info.device, config.peak_flops)
     guard = NonFiniteGuard(config.max_nonfinite_steps, total=checkpoints.nonfinite_steps)
-    # SIGTERM/SIGINT/SIGHUP: finish the step, checkpoint within stop_grace seconds, exit 0
+    # SIGTERM/SIGINT/SIGHUP/SIGUSR1: finish the step, checkpoint within stop_grace seconds, exit 0
     stop = StopSignal(info, config.stop_check_interval, config.stop_grace)
     checkpoints.restore_rng()  # last before the loop: the resumed run draws the same random numbers
 
     window_start, step, stopping = None, start_step, False
     progress = Progress(started, config.max_steps)  # elapsed time and ETA on each step's line
     for step in range(start_step, config.max_steps + 1):
+        beat(step)  # the hang watchdog's (main()): host-side only, no sync
         last_step = step == config.max_steps
         stopping = stop.requested(step)
         saving = checkpoints.due(step, final=last_step or stopping)
@@ -287,6 +289,7 @@ def train(config, info, argv=()):
                         "mfu": mfu(per_token_flops, config.total_batch_size / dt, peak_flops, info.world_size),
                         **progress.at(step, dt)})
     stop.close()
+    beat(None)  # the loop is over: the watchdog rests (W&B's upload at finish may take long)
     stopped_by = (stop.received or "a signal on another rank") if stopping else None
     this_process = time.time() - started
     for line in run_summary(config, argv, checkpoints.run_seconds + this_process, step, stopped_by,
@@ -345,12 +348,13 @@ def main(argv=None):
     keep_large_allocations_on_heap()  # a CPU step's big blocks are reused, not mapped anew each micro-step
     try:
         with reported_as_errors(ConfigError, DataError, NonFiniteError, out_dir=config.out_dir):
-            info = setup_distributed(config.device)
+            info = setup_distributed(config.device, process_group_timeout(config.hang_timeout_s))
             created = folders_to_create(config.out_dir) if info.is_master else []
             with hold_out_dir(config.out_dir, info.is_master):  # before resume, which trims metrics.jsonl
                 with removed_if_refused(config.out_dir, created):
                     check_shared_out_dir(config.out_dir, config.parallel)  # fsdp: every rank writes into out_dir
-                    train(config, info, argv)
+                    with watching(config.hang_timeout_s, info.rank):  # torchrun: a hang -> stacks, exit
+                        train(config, info, argv)
                 barrier(info)  # no rank closes its connections while another still finishes its last save
     finally:
         end_of_run()  # the process group stays: a second main() in this process reuses it

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from config import ConfigError
 from gpt2_pretrain import console
+from gpt2_pretrain.elastic import attempt_store
 from gpt2_pretrain.errors import check_device
 
 
@@ -52,14 +53,19 @@ def print0(*args, sep=" ", end="\n", file=None, flush=True):
         console.write(sep.join(map(str, args)) + end, file)
 
 
+# the signals that stop a run with a checkpoint (guards.StopSignal): SIGUSR1 is what Slurm sends ahead of a time
+# limit (#SBATCH --signal, scripts/slurm/train.sbatch)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
 @contextlib.contextmanager
 def stop_signals_blocked():
-    """Block SIGTERM/SIGINT/SIGHUP in this thread meanwhile: threads started inside inherit the block, so a
-    signal always lands in the main thread (where our handler runs), never in a communication thread mid-call."""
+    """Block the STOP_SIGNALS in this thread meanwhile: threads started inside inherit the block, so a signal
+    always lands in the main thread (where our handler runs), never in a communication thread mid-call."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         yield
     finally:
@@ -90,8 +96,10 @@ def setup_distributed(requested_device="auto", timeout_seconds=300):
                               f"start the run in a new process.")
         return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, ddp=True)
     with stop_signals_blocked():  # the backend's threads start with them blocked and keep them so
+        store = attempt_store(timeout_seconds)  # a torchrun restart: keys of this attempt's own (elastic.py)
+        meet = dict(store=store, rank=rank, world_size=world_size) if store is not None else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds),
-                                device_id=torch.device(device) if backend == "nccl" else None)
+                                device_id=torch.device(device) if backend == "nccl" else None, **meet)
         dist.barrier()  # the backend connects (and starts its threads) here at the latest
     atexit.register(teardown_distributed)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, ddp=True)

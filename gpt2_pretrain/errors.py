@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from config import ConfigError
 from gpt2_pretrain import console
+from gpt2_pretrain.elastic import holder_tag, is_earlier_attempt, next_attempt_note
 
 # how long a failing rank waits for rank 0's error before deciding that rank 0 does not share it: ranks
 # that hit the same mistake reach it within moments of each other
@@ -30,6 +31,9 @@ PEER_ERROR_WAIT_SECONDS = 10
 # too are named as the lost ones (every live rank's next collective fails within moments of a death)
 LOST_PEER_WAIT_SECONDS = 2
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# how long a restarted torchrun job waits for its previous attempt to let go of out_dir's lock: torchrun
+# SIGKILLs a worker 30 s after its SIGTERM, and the kernel drops the lock when the process is gone
+RESTART_LOCK_WAIT_SECONDS = 60
 
 
 def _job_store():
@@ -43,12 +47,28 @@ def _job_store():
     return None
 
 
+def _error_key():
+    return f"gpt2_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted job starts clean
+
+
+def claim_job_line(message, rank):
+    """From a thread that ends the process (the watchdog): leave this rank's error in the job's store, so the
+    other ranks' lost-peer lines are not printed, and return True when this rank is the first to claim the
+    job's one line (True too when there is no store to ask)."""
+    try:
+        store = _job_store()
+        store.set(f"{_error_key()}{rank}", message)
+        return store.add(f"{_error_key()}job_line", 1) == 1
+    except Exception:  # no store to reach (the agent is gone): say it ourselves
+        return True
+
+
 def _line_under_torchrun(message, rank, world_size, consequence):
     """What this rank prints, or None. Each failing rank leaves its message in the job's store: rank 0
     prints its own; another rank prints its own as [rank R] unless rank 0 has the same (waited for, bounded,
     which also keeps it alive until rank 0 has printed); a lost peer, the consequence of another rank's
     error, is not printed again, and one that no rank's error explains is printed once (_lost_peer_line)."""
-    key = f"gpt2_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # a restarted job starts clean
+    key = _error_key()
     try:
         store = _job_store()
         if store is None:
@@ -90,14 +110,15 @@ def _lost_peer_line(store, key, message, rank, world_size):
     return message
 
 
-def fail(message, consequence=False):
-    """A user's mistake (or a fault outside our code): one `error:` line, no traceback, exit code 2."""
+def fail(message, consequence=False, level="error"):
+    """A user's mistake (or a fault outside our code): one `error:` line, no traceback, exit code 2. A fault
+    that torchrun answers with a restart is a `warning:` line instead (level)."""
     message = str(message)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         message = _line_under_torchrun(message, int(os.environ.get("RANK", "0")), world_size, consequence)
     if message is not None:
-        console.write(f"error: {message}\n", sys.stderr)  # a closed stderr drops it; console.log keeps it
+        console.write(f"{level}: {message}\n", sys.stderr)  # a closed stderr drops it; console.log keeps it
     raise SystemExit(2)
 
 
@@ -125,9 +146,11 @@ def reported_as_errors(*user_errors, out_dir="out"):
         lost = isinstance(e, getattr(dist, "DistError", ())) or any(s in str(e) for s in PEER_LOST)
         if not (lost and dist.is_available() and dist.is_initialized()):
             raise
+        restart = next_attempt_note()  # torchrun --max-restarts: the job goes on by itself
+        then = f"{restart}." if restart else "Fix that, then continue with --resume=auto."
         fail(f"lost contact with another rank ({str(e).splitlines()[0][:200]}): it died or hung, and its own "
-             f"output (or torchrun's, for a killed process) says why. Fix that, then continue with --resume=auto.",
-             consequence=True)
+             f"output (or torchrun's, for a killed process) says why. {then}",
+             consequence=True, level="warning" if restart else "error")
 
 
 def check_device(requested, local_rank=0, torchrun=False):
@@ -180,19 +203,35 @@ def hold_out_dir(out_dir, is_master=True):
         raise ConfigError(f"cannot create or write --out_dir={out_dir}: {e.strerror}. Choose a folder you can "
                           f"write to.") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process"
-            raise ConfigError(f"--out_dir={out_dir} is in use by another run ({holder}): wait for it to end, "
-                              f"or give this run another --out_dir.") from None
+        _take_lock(fd, out_dir)
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}{holder_tag()}: "
                      f"{' '.join(sys.argv)}".encode())
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _take_lock(fd, out_dir):
+    """flock out_dir's lock, or a ConfigError naming its holder. The holder may be an earlier attempt of this
+    torchrun job (a restart), which torchrun has stopped and which is on its way out: waited for, bounded."""
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process"
+        if not is_earlier_attempt(holder):
+            raise ConfigError(f"--out_dir={out_dir} is in use by another run ({holder}): wait for it to end, "
+                              f"or give this run another --out_dir.")
+        deadline = deadline or time.time() + RESTART_LOCK_WAIT_SECONDS
+        if time.time() > deadline:
+            raise ConfigError(f"--out_dir={out_dir} is still held by the previous attempt of this torchrun job "
+                              f"({holder}) {RESTART_LOCK_WAIT_SECONDS} s after the restart: that process does not "
+                              f"end (stuck in the kernel or on a device); end it, then start the job again.")
+        time.sleep(0.1)
 
 
 def check_shared_out_dir(out_dir, parallel):

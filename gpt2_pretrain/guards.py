@@ -1,4 +1,4 @@
-"""Guards of the training loop: stop cleanly and in time on SIGTERM/SIGINT/SIGHUP, skip NaN/inf updates.
+"""Guards of the training loop: stop cleanly and in time on SIGTERM/SIGINT/SIGHUP/SIGUSR1, skip NaN/inf updates.
 
 A NaN/inf step skips its update: torch's fused AdamW skips inside its kernel (its found_inf input, as the
 AMP grad scaler uses it), with no host sync; any other optimizer (Muon) reads the finite flag on the host
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from gpt2_pretrain.distributed import print0, stop_signals_blocked
+from gpt2_pretrain.distributed import STOP_SIGNALS, print0, stop_signals_blocked
 
 
 class NonFiniteError(Exception):
@@ -30,7 +30,7 @@ class NonFiniteError(Exception):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT/SIGHUP only set a flag; under torchrun the ranks agree on it (max over ranks) at steps every
+    """SIGTERM/SIGINT/SIGHUP/SIGUSR1 (distributed.STOP_SIGNALS) only set a flag; under torchrun the ranks agree on it (max over ranks) at steps every
     rank knows, so all stop at the same step without a collective each step. A check also tells every rank the
     slowest rank's step time and longest pause (an evaluation or checkpoint and its step), from which they all
     pick the next check step alike: at most `every` steps on, fewer when steps are slow, so that a stop reaches
@@ -38,7 +38,7 @@ class StopSignal:
     The step after an evaluation or save is always checked (check_soon). Steps that do not check read the clock
     only: no collective, no wait for the device. One process reads its flag every step. SIGHUP (the terminal
     closed, an ssh session lost) is a stop like SIGTERM: the run checkpoints, and its console output goes on
-    into out_dir/console.log."""
+    into out_dir/console.log. SIGUSR1 is Slurm's warning before a time limit (#SBATCH --signal=...)."""
 
     def __init__(self, info, every=1, grace=20.0):
         self.info = info
@@ -56,7 +56,7 @@ class StopSignal:
         if info.ddp and info.device_type == "cuda":
             with stop_signals_blocked():  # gloo's threads keep the stop signals blocked, like the main group's
                 self.group = dist.new_group(backend="gloo")
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in STOP_SIGNALS:
             try:
                 self.previous[signum] = signal.signal(signum, self._handle)
             except ValueError:
