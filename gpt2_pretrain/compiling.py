@@ -1,0 +1,69 @@
+"""torch.compile for training: what is compiled under each --parallel mode, evaluation kept eager, graph counts.
+
+    --parallel=ddp  --compile   the whole model, checkpointed blocks inside (parallel.py wraps it in DDP after)
+    --parallel=fsdp --compile   each block's forward, after activation checkpointing and before fully_shard
+                                (torchtitan's order); the root (embeddings, ln_f, the loss) runs eagerly
+
+Why the two orders differ, and what each was measured at: docs/distributed.md#torchcompile.
+"""
+
+import functools
+import sys
+from contextlib import nullcontext
+
+import torch
+
+
+def compile_blocks(blocks):
+    """Compile each block's forward in place (an instance attribute, as activation checkpointing sets: state_dict
+    keys unchanged). fsdp's hooks, added later by fully_shard, run around the compiled forward, never inside it, so
+    dynamo meets none of them (they are dynamo-disabled: a graph break each) and fullgraph holds. The blocks share
+    one graph: dynamo keys it on Block.forward's code and takes the weights as inputs."""
+    for block in blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True)
+
+
+def uncompiled():
+    """A context in which compiled code runs eagerly. For sampling and HellaSwag through the model with its
+    blocks compiled in place (fsdp): their (rows, length) shapes would each compile a graph, and then make
+    dynamo mark batch and sequence dynamic in the training graph compiled after them."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process: spare the import (about 1 s)
+        return nullcontext()
+    return torch.compiler.set_stance("force_eager")
+
+
+def eagerly(function):
+    """`function` with compiled code run eagerly during its calls (see uncompiled())."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with uncompiled():
+            return function(*args, **kwargs)
+    return run
+
+
+def compile_counts():
+    """What dynamo compiled in this process since it started (or since reset_compile_counts()):
+    {"graphs": graphs compiled, recompilations included; "graph_breaks": breaks met while tracing;
+     "recompiles": compilations of code that already had a graph (another grad mode, shape, ...);
+     "functions": {"file.py:function": graphs compiled from it}}.
+    Recompiles and functions count the last 64 compilations (dynamo keeps that many records)."""
+    if "torch._dynamo" not in sys.modules:
+        return {"graphs": 0, "graph_breaks": 0, "recompiles": 0, "functions": {}}
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    records = [record for record in get_compilation_metrics() if record.graph_op_count]
+    functions = {}
+    for record in records:
+        name = f"{record.co_filename.rsplit('/', 1)[-1]}:{record.co_name}"
+        functions[name] = functions.get(name, 0) + 1
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(1 for record in records if record.recompile_reason), "functions": functions}
+
+
+def reset_compile_counts():
+    """Start compile_counts() from zero (the compiled graphs are kept: torch._dynamo.reset() drops those)."""
+    if "torch._dynamo" in sys.modules:
+        from torch._dynamo.utils import clear_compilation_metrics, counters
+
+        counters.clear()
+        clear_compilation_metrics()
