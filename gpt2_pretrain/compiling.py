@@ -42,22 +42,30 @@ def eagerly(function):
 
 
 def compile_counts():
-    """What dynamo compiled in this process since it started (or since reset_compile_counts()):
-    {"graphs": graphs compiled, recompilations included; "graph_breaks": breaks met while tracing;
+    """What dynamo did in this process since it started (or since reset_compile_counts()):
+    {"graphs": graphs compiled, recompilations included; "graph_breaks": breaks within traced functions;
      "recompiles": compilations of code that already had a graph (another grad mode, shape, ...);
-     "functions": {"file.py:function": graphs compiled from it}}.
-    Recompiles and functions count the last 64 compilations (dynamo keeps that many records)."""
+     "compiled": {"file.py:function": graphs compiled from it};
+     "skipped": {"file.py:function": times dynamo gave it up and ran it eagerly (a graph break in a loop, a
+                 call it must not trace: what whole-model compile did to GPT.forward under fsdp)}}.
+    recompiles, compiled and skipped count the last 64 compilations (dynamo keeps that many records)."""
     if "torch._dynamo" not in sys.modules:
-        return {"graphs": 0, "graph_breaks": 0, "recompiles": 0, "functions": {}}
+        return {"graphs": 0, "graph_breaks": 0, "recompiles": 0, "compiled": {}, "skipped": {}}
     from torch._dynamo.utils import counters, get_compilation_metrics
 
-    records = [record for record in get_compilation_metrics() if record.graph_op_count]
-    functions = {}
+    records = [record for record in get_compilation_metrics() if record.co_name]
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(1 for record in records if record.graph_op_count and record.recompile_reason),
+            "compiled": _by_function(record for record in records if record.graph_op_count),
+            "skipped": _by_function(record for record in records if record.fail_type)}
+
+
+def _by_function(records):
+    counts = {}
     for record in records:
         name = f"{record.co_filename.rsplit('/', 1)[-1]}:{record.co_name}"
-        functions[name] = functions.get(name, 0) + 1
-    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
-            "recompiles": sum(1 for record in records if record.recompile_reason), "functions": functions}
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def reset_compile_counts():
