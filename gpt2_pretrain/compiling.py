@@ -4,7 +4,7 @@
     --parallel=fsdp --compile   each block's forward, after activation checkpointing and before fully_shard
                                 (torchtitan's order); the root (embeddings, ln_f, the loss) runs eagerly
 
-Why the two orders differ, and what each was measured at: docs/distributed.md#torchcompile.
+Why the two orders differ: docs/distributed.md#torchcompile.
 """
 
 import functools
