@@ -8,7 +8,9 @@ Why the two orders differ: docs/distributed.md#torchcompile.
 """
 
 import functools
+import os
 import sys
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
@@ -61,11 +63,7 @@ def compile_counts():
 
 
 def _by_function(records):
-    counts = {}
-    for record in records:
-        name = f"{record.co_filename.rsplit('/', 1)[-1]}:{record.co_name}"
-        counts[name] = counts.get(name, 0) + 1
-    return counts
+    return dict(Counter(f"{os.path.basename(record.co_filename)}:{record.co_name}" for record in records))
 
 
 def reset_compile_counts():
