@@ -36,6 +36,7 @@ from gpt2_pretrain import console
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import init_weights, list_checkpoints
+from gpt2_pretrain.compiling import eagerly
 from gpt2_pretrain.distributed import (all_reduce_mean, all_reduce_sum, barrier, end_of_run, print0,
                                        seed_rank_streams, setup_distributed)
 from gpt2_pretrain.dry_run import dry_run_report
@@ -171,6 +172,7 @@ def evaluate(model, val_loader, config, info):
     return (loss_sum / (len(windows) * config.block_size)).item()
 
 
+@eagerly  # fsdp's blocks are compiled in place: each new length would compile
 def generate_sample(model, config, device, step):
     model.eval()  # no dropout while sampling
     prompt = torch.tensor([encode(config.sample_prompt or "\n")], dtype=torch.long, device=device)

@@ -9,9 +9,10 @@ so no module is swapped in: state_dict keys stay as they are, and a checkpoint w
 loads under any other. Applied before torch.compile and fully_shard (parallel.py says why).
 """
 
-import functools
+import types
 
 from torch.utils.checkpoint import checkpoint
+
 
 def checkpointed_blocks(n_layer, mode, every):
     """Indices of the blocks whose activations are recomputed: none, all, or every `every`-th from the first."""
@@ -22,9 +23,11 @@ def checkpointed_blocks(n_layer, mode, every):
     return list(range(0, n_layer, every))
 
 
-def _checkpointed(forward, x):
+def checkpointed_forward(block, x):
+    """The block's forward under torch.utils.checkpoint; bound to the block, it is a method as Block.forward is, so
+    torch.compile (compiling.py) traces it as one function shared by all blocks."""
     # use_reentrant=False: works with torch.compile, fsdp's hooks and inputs that need no grad
-    return checkpoint(forward, x, use_reentrant=False)
+    return checkpoint(type(block).forward, block, x, use_reentrant=False)
 
 
 def apply_activation_checkpointing(blocks, mode, every):
@@ -32,5 +35,5 @@ def apply_activation_checkpointing(blocks, mode, every):
     chosen = checkpointed_blocks(len(blocks), mode, every)
     for index in chosen:
         block = blocks[index]
-        block.forward = functools.partial(_checkpointed, block.forward)  # an instance attribute: keys unchanged
+        block.forward = types.MethodType(checkpointed_forward, block)  # an instance attribute: keys unchanged
     return chosen

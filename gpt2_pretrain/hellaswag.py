@@ -9,8 +9,9 @@ Only the ending's tokens are scored, after the context. Examples are split acros
 rank i % world_size) and the counts all-reduced. Every rank runs the same number of forwards (a sharded
 model's forward is a collective, the weight all-gather): a rank with fewer batches runs empty ones that
 count nothing. Examples are sorted by length and scored many to a forward, each batch padded to a
-multiple of 64 tokens. Score with the uncompiled model (train.py does): these varied shapes would make
-torch.compile mark batch and sequence dynamic, in the training graph too. Logits are turned into losses
+multiple of 64 tokens. Scoring runs compiled code eagerly (blocks compiled in place under fsdp) and
+train.py passes the uncompiled model: these varied shapes would make torch.compile mark batch and
+sequence dynamic, in the training graph too. Logits are turned into losses
 only where an ending is scored, and the counts stay on the device until the end: no host sync per batch.
 evaluate_hellaswag_per_example is the plain one-example-a-forward version the batched one must match.
 """
@@ -25,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gpt2_pretrain.atomic import atomic_write
+from gpt2_pretrain.compiling import eagerly
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 
@@ -190,6 +192,7 @@ def batches(examples, encode, length, batch_tokens):
         yield tokens, rows * L + columns, rows, chars, labels
 
 
+@eagerly
 @torch.no_grad()
 def evaluate_hellaswag(model, examples, encode, length, device, rank=0, world_size=1, autocast=nullcontext,
                        batch_tokens=8192):

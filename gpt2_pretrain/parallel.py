@@ -5,6 +5,7 @@ shard of every weight, gradient and optimizer state), gradient sync and global-n
     --parallel=fsdp  torch.distributed.fsdp.fully_shard on each block, then on the whole model (the root
                      unit holds wte, tied to lm_head, wpe and ln_f); bf16 weights gathered for compute and
                      fp32 gradient reduction on CUDA; the same code under gloo on CPU
+    --compile        ddp: the whole model; fsdp: each block before fully_shard (gpt2_pretrain/compiling.py)
 
 Gradient accumulation: DDP syncs only on the last micro-step (earlier ones accumulate locally, costing
 nothing extra: DDP holds whole gradients anyway). FSDP reduce-scatters on every micro-step: turning the
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2_pretrain.activation_checkpointing import apply_activation_checkpointing
+from gpt2_pretrain.compiling import compile_blocks
 
 # fsdp and DTensor are imported where a sharded run needs them: importing them costs about 1.5 s of every
 # start-up (train.py, each torchrun worker, the scripts), which a ddp or single-process run never uses
@@ -59,16 +61,20 @@ def shard_model(model, info):
 
 
 def wrap_model(raw_model, config, info):
-    """(model to train, model to evaluate): blocks checkpointed as configured, then sharded or DDP-wrapped,
-    compiled when config.compile."""
+    """(model to train, model to evaluate): blocks checkpointed as configured, compiled when config.compile,
+    sharded or DDP-wrapped. The order, checkpoint then compile then shard under fsdp, is torchtitan's; ddp
+    compiles the whole model (docs/distributed.md#torchcompile says why each)."""
     # first: fsdp's hooks and compile must see the checkpointed forward, so a block's recompute in the
     # backward runs inside fsdp's all-gather of it and inside the compiled graph (docs/distributed.md)
     apply_activation_checkpointing(raw_model.transformer.h, config.activation_checkpointing, config.ac_every)
     if config.parallel == "fsdp":
+        if config.compile:
+            compile_blocks(raw_model.transformer.h)  # before fully_shard: its hooks stay outside the graphs
         shard_model(raw_model, info)
+        return raw_model, raw_model
     model = torch.compile(raw_model) if config.compile else raw_model
     eval_model = model  # not DDP-wrapped: evaluation needs no gradient sync
-    if config.parallel == "ddp" and info.ddp:
+    if info.ddp:
         model = DDP(model, device_ids=[info.local_rank] if info.device_type == "cuda" else None)
     return model, eval_model
 
