@@ -488,7 +488,9 @@ def run_part(check, name, budget, command, parse, timeout, log):
     if name == "test_cuda" and record["results"]["skipped"] == len(record["results"]["tests"]):
         record.update(status="skipped", detail=f"all {len(record['results']['tests'])} tests skipped (no CUDA)")
     elif record["returncode"] != 0 or record["results"].get("failed") or record["results"].get("error"):
-        record.update(status="failed", detail=f"return code {record['returncode']}")
+        failed = [test["name"] for test in record["results"].get("tests", []) if test["outcome"] in ("failed", "error")]
+        record.update(status="failed", detail=f"return code {record['returncode']}"
+                      + (f"; failed: {', '.join(failed)}" if failed else ""))
     else:
         record.update(status="passed", detail="")
     return record
