@@ -29,7 +29,7 @@ class Blocked:
 sys.meta_path.insert(0, Blocked())
 """
 PARTS = ["environment", "bench_adamw_ddp", "bench_muon_ddp", "bench_adamw_fsdp", "bench_muon_fsdp", "bench_full_logits",
-         "test_cuda", "prepare", "dry_run", "run", "resume", "precision_ddp", "precision_fsdp",
+         "test_cuda", "prepare", "run", "resume", "precision_ddp", "precision_fsdp",
          "bench_coordinate_descent", "hellaswag", "bench_max_autotune"]
 CUDA_ONLY = ("first_step_peak_allocated", "first_step_peak_reserved", "steady_peak_allocated", "steady_peak_reserved",
              "alloc_retries", "memory_snapshot", "memory_snapshot_bytes")
