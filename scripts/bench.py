@@ -30,6 +30,58 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_arguments(argv):
+    """(this script's arguments, train.py's config files and flags)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Other arguments are train.py's config files and --key=value flags.")
+    parser.add_argument("--bench_steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--bench_warmup", type=int, default=3, help="untimed steps first (compilation, warm-up)")
+    parser.add_argument("--bench_compile", choices=["both", "on", "off"], default="both",
+                        help="torch.compile on, off, or both (each in its own process, on first)")
+    parser.add_argument("--bench_json", action="store_true",
+                        help="print one JSON line per step as it goes and one per setting with the result")
+    parser.add_argument("--bench_profile", default="", help="write a torch.profiler table of two steps to this file")
+    parser.add_argument("--bench_memory_snapshot", default="",
+                        help="CUDA: write a torch.cuda.memory snapshot of one more step to this file (with "
+                             "--bench_compile=both, of the compiled run); view it at pytorch.org/memory_viz")
+    parser.add_argument("--bench_muon_sync", action="store_true",
+                        help="Muon: also time the steps without the host read of the finite flag before its step")
+    parser.add_argument("--bench_loss", choices=["chunked", "full"], default="chunked",
+                        help="chunked: the model's own loss; full: F.cross_entropy over the full logits (ddp only)")
+    parser.add_argument("--bench_coordinate_descent", action="store_true",
+                        help="compile with torch._inductor.config.coordinate_descent_tuning=True")
+    parser.add_argument("--bench_mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                        help="torch.compile mode, set as inductor's options for it")
+    return parser.parse_known_args(argv)
+
+
+def run_both(args, config_args):
+    """--bench_compile=both: compile on, then off, each in a process of its own (its peak memory its own); on
+    first, so that if the process is stopped during the uncompiled run, the compiled figures are out."""
+    for setting in ("on", "off"):
+        command = [sys.executable, os.path.abspath(__file__), *config_args, f"--bench_steps={args.bench_steps}",
+                   f"--bench_warmup={args.bench_warmup}", f"--bench_compile={setting}",
+                   f"--bench_loss={args.bench_loss}", f"--bench_mode={args.bench_mode}"]
+        flags = {"--bench_json": args.bench_json, "--bench_muon_sync": args.bench_muon_sync,
+                 "--bench_coordinate_descent": args.bench_coordinate_descent}
+        command += [flag for flag, given in flags.items() if given]
+        if args.bench_profile:
+            command.append(f"--bench_profile={args.bench_profile}.{setting}")
+        if args.bench_memory_snapshot and setting == "on":
+            command.append(f"--bench_memory_snapshot={args.bench_memory_snapshot}")
+        code = subprocess.call(command)
+        if code:
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    arguments = parse_arguments(sys.argv[1:])
+    if arguments[0].bench_compile == "both":  # before torch is imported: each process imports its own
+        sys.exit(run_both(*arguments))
+
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
@@ -235,27 +287,7 @@ def format_result(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Other arguments are train.py's config files and --key=value flags.")
-    parser.add_argument("--bench_steps", type=int, default=10, help="timed optimizer steps")
-    parser.add_argument("--bench_warmup", type=int, default=3, help="untimed steps first (compilation, warm-up)")
-    parser.add_argument("--bench_compile", choices=["both", "on", "off"], default="both",
-                        help="torch.compile on, off, or both (each in its own process, on first)")
-    parser.add_argument("--bench_json", action="store_true",
-                        help="print one JSON line per step as it goes and one per setting with the result")
-    parser.add_argument("--bench_profile", default="", help="write a torch.profiler table of two steps to this file")
-    parser.add_argument("--bench_memory_snapshot", default="",
-                        help="CUDA: write a torch.cuda.memory snapshot of one more step to this file (with "
-                             "--bench_compile=both, of the compiled run); view it at pytorch.org/memory_viz")
-    parser.add_argument("--bench_muon_sync", action="store_true",
-                        help="Muon: also time the steps without the host read of the finite flag before its step")
-    parser.add_argument("--bench_loss", choices=["chunked", "full"], default="chunked",
-                        help="chunked: the model's own loss; full: F.cross_entropy over the full logits (ddp only)")
-    parser.add_argument("--bench_coordinate_descent", action="store_true",
-                        help="compile with torch._inductor.config.coordinate_descent_tuning=True")
-    parser.add_argument("--bench_mode", choices=["default", "max-autotune-no-cudagraphs"], default="default",
-                        help="torch.compile mode, set as inductor's options for it")
-    args, config_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, config_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(config_args)
         grad_accum_steps_for(config, 1)
@@ -270,22 +302,7 @@ def main(argv=None):
         print("error: --bench_loss=full runs under --parallel=ddp only: drop one of them.", file=sys.stderr)
         return 2
     if args.bench_compile == "both":
-        # compile on first: if the process is stopped during the uncompiled run, the compiled figures are out
-        for setting in ("on", "off"):
-            command = [sys.executable, os.path.abspath(__file__), *config_args, f"--bench_steps={args.bench_steps}",
-                       f"--bench_warmup={args.bench_warmup}", f"--bench_compile={setting}",
-                       f"--bench_loss={args.bench_loss}", f"--bench_mode={args.bench_mode}"]
-            flags = {"--bench_json": args.bench_json, "--bench_muon_sync": args.bench_muon_sync,
-                     "--bench_coordinate_descent": args.bench_coordinate_descent}
-            command += [flag for flag, given in flags.items() if given]
-            if args.bench_profile:
-                command.append(f"--bench_profile={args.bench_profile}.{setting}")
-            if args.bench_memory_snapshot and setting == "on":
-                command.append(f"--bench_memory_snapshot={args.bench_memory_snapshot}")
-            code = subprocess.call(command)
-            if code:
-                return code
-        return 0
+        return run_both(args, config_args)
     config.compile = args.bench_compile == "on"
     keep_large_allocations_on_heap()  # as train.py does
 
