@@ -121,7 +121,11 @@ class FullLogitLoss(torch.nn.Module):
 
 def dynamo_counts():
     """Dynamo's counts in this process so far (torch._dynamo.utils.counters): graphs compiled, frames, graph
-    breaks with their most common reasons, and inductor's FX graph cache hits and misses."""
+    breaks with their most common reasons, and inductor's FX graph cache hits and misses. All 0 where nothing
+    imported Dynamo (nothing was compiled): importing it only to read them costs a second of CPU."""
+    if "torch._dynamo" not in sys.modules:
+        return {"graphs": 0, "frames_compiled": 0, "graph_breaks": 0, "graph_break_reasons": {},
+                "fx_graph_cache_hits": 0, "fx_graph_cache_misses": 0}
     from torch._dynamo.utils import counters
 
     breaks = counters["graph_break"]
@@ -159,9 +163,10 @@ def update_without_host_read(optimizers, finite):
             optimizer.step()
 
 
-def bench(config, steps, warmup, profile=None, progress=None, loss="chunked", snapshot=None, muon_sync=False):
+def bench(config, steps, warmup, profile=None, progress=None, loss="chunked", snapshot=None, muon_sync=False,
+          inductor_options=None):
     """Time `steps` optimizer steps after `warmup` untimed ones; returns a dict of figures. progress(**fields)
-    is called after the setup and each step, as they happen."""
+    is called after the setup and each step, as they happen; inductor_options: those the caller set, reported."""
     progress = progress or (lambda **fields: None)
     started = time.perf_counter()
     device = check_device(config.device)
@@ -250,7 +255,9 @@ def bench(config, steps, warmup, profile=None, progress=None, loss="chunked", sn
     return {
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else device,
         "torch": torch.__version__, "compile": config.compile, "optimizer": config.optimizer,
-        "parallel": config.parallel, "loss": loss, "inductor_options": inductor_options(),
+        "parallel": config.parallel, "loss": loss,
+        "inductor_options": {option: bool((inductor_options or {}).get(option))
+                             for option in ("coordinate_descent_tuning", "max_autotune")},
         "batch_size": config.batch_size, "block_size": config.block_size, "parameters": raw_model.num_params(),
         "tokens_per_step": tokens_per_step, "grad_accum_steps": grad_accum_steps, "step_ms": 1000 * step_seconds,
         "median_step_ms": 1000 * statistics.median(timed), "tokens_per_sec": tokens_per_sec,
@@ -272,11 +279,6 @@ def bench(config, steps, warmup, profile=None, progress=None, loss="chunked", sn
     }
 
 
-def inductor_options():
-    """The inductor options a bench sets (--bench_coordinate_descent, --bench_mode), as they stand."""
-    import torch._inductor.config as inductor
-
-    return {"coordinate_descent_tuning": inductor.coordinate_descent_tuning, "max_autotune": inductor.max_autotune}
 
 
 def format_result(result):
@@ -310,14 +312,17 @@ def main(argv=None):
         if args.bench_json:
             print(json.dumps({"progress": fields.pop("event"), "compile": config.compile, **fields}), flush=True)
 
-    import torch._inductor.config as inductor
+    options, patched = {}, contextlib.nullcontext()
+    if args.bench_mode != "default" or args.bench_coordinate_descent:  # inductor only then: its import costs 1 s
+        import torch._inductor.config as inductor
 
-    options = dict(torch._inductor.list_mode_options(args.bench_mode)) if args.bench_mode != "default" else {}
-    if args.bench_coordinate_descent:
-        options["coordinate_descent_tuning"] = True
-    with inductor.patch(options) if options else contextlib.nullcontext():
+        options = dict(torch._inductor.list_mode_options(args.bench_mode)) if args.bench_mode != "default" else {}
+        if args.bench_coordinate_descent:
+            options["coordinate_descent_tuning"] = True
+        patched = inductor.patch(options)
+    with patched:
         result = bench(config, args.bench_steps, args.bench_warmup, args.bench_profile, progress, args.bench_loss,
-                       args.bench_memory_snapshot or None, args.bench_muon_sync)
+                       args.bench_memory_snapshot or None, args.bench_muon_sync, options)
     print(json.dumps(result) if args.bench_json else format_result(result), flush=True)
     return 0
 
