@@ -28,8 +28,11 @@ class Blocked:
 
 sys.meta_path.insert(0, Blocked())
 """
-PARTS = ["environment", "prepare", "dry_run", "hellaswag", "test_cuda", "bench_adamw_ddp", "bench_muon_ddp",
-         "bench_adamw_fsdp", "bench_muon_fsdp", "run", "resume", "precision_ddp", "precision_fsdp"]
+PARTS = ["environment", "bench_adamw_ddp", "bench_muon_ddp", "bench_adamw_fsdp", "bench_muon_fsdp", "bench_full_logits",
+         "test_cuda", "prepare", "run", "resume", "precision_ddp", "precision_fsdp",
+         "bench_coordinate_descent", "hellaswag", "bench_max_autotune"]
+CUDA_ONLY = ("first_step_peak_allocated", "first_step_peak_reserved", "steady_peak_allocated", "steady_peak_reserved",
+             "alloc_retries", "memory_snapshot", "memory_snapshot_bytes")
 
 
 def load_gpu_check():
@@ -45,6 +48,20 @@ def blocking_env(tmp_path, modules):
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER.replace("{BLOCKED}", repr(tuple(modules))))
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+
+
+def tiny_bench_estimate():
+    """Bytes gpu_check --tiny's benches should report as the dry run's estimate: memory_estimate, float32 on a CPU."""
+    from config import load_config
+    from gpt2_pretrain.dry_run import memory_estimate, meta_model
+    from train import model_config
+
+    gpu_check = load_gpu_check()
+    size = gpu_check.SIZES["tiny"]
+    config = load_config([*size["model"], "--batch_size=4", f"--total_batch_size={size['bench_total_batch_size']}",
+                          "--sample_tokens=0", *size["bench_extra"]])
+    n_params = meta_model(model_config(config)).num_params()
+    return sum(memory_estimate(config, n_params, bf16=False, device_type="cpu").values())
 
 
 def cuda_test_names():
@@ -83,9 +100,24 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
              for parallel in ("ddp", "fsdp")]
     assert [(b["optimizer"], b["parallel"]) for b in bench] == [("adamw", "ddp"), ("adamw", "fsdp"),
                                                                  ("muon", "ddp"), ("muon", "fsdp")]
-    for b in bench:
-        assert b["tokens_per_sec"] > 0 and b["memory_gib"] > 0
-        assert b["dry_run_estimate_gib"] == parts["dry_run"]["results"][f"{b['parallel']}_estimate_gib"] >= 0
+    estimate = tiny_bench_estimate()
+    variants = {name: parts[name]["results"] for name in PARTS if name.startswith("bench_")}
+    for name, b in variants.items():
+        assert b["tokens_per_sec"] > 0 and b["memory_gib"] > 0 and b["complete"]
+        assert b["dry_run_estimate_gib"] == estimate / 2**30  # dry_run.memory_estimate for the tiny config
+        (run,) = b["runs"]  # --tiny: compile off only
+        assert run["compile"] is False and b["compile_off_mfu"] is None
+        assert [step["phase"] for step in run["steps"]] == ["first", "timed", "timed"] + (
+            ["without_host_read"] * 2 if name.startswith("bench_muon") else [])
+        assert all(step["seconds"] > 0 for step in run["steps"]) and run["first_step_seconds"] > 0
+        assert {key: run[key] for key in CUDA_ONLY} == dict.fromkeys(CUDA_ONLY)  # CPU: none of CUDA's figures
+        assert run["graphs"] == run["graph_breaks"] == 0 and run["compile_seconds"] is None  # nothing compiled
+        assert run["loss"] == ("full" if name == "bench_full_logits" else "chunked")
+        assert run["inductor_options"] == {"coordinate_descent_tuning": name in ("bench_coordinate_descent",
+                                                                                 "bench_max_autotune"),
+                                           "max_autotune": name == "bench_max_autotune"}
+        assert (run["step_ms_without_host_read"] > 0) if name.startswith("bench_muon") else (
+            run["step_ms_without_host_read"] is None)  # muon only: adamw skips a NaN step on the device
     assert parts["hellaswag"]["results"]["batched_examples_per_sec"] > 0
     assert parts["hellaswag"]["results"]["same_scores"] is True  # float32 on CPU: both scorers agree exactly
     run, resume = parts["run"]["results"], parts["resume"]["results"]
@@ -101,6 +133,7 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
                     "## ddp against fsdp (mixed precision)"):
         assert heading in markdown
     assert "torch " + torch.__version__ in markdown and "all parts passed" in markdown
+    assert "Not a CUDA device: the CUDA-only figures" in markdown and "Muon's host read" in markdown
     log = (out / "gpu_check.log").read_text()
     assert all(f"===== {name} " in log for name in PARTS)
     assert (out / "test_cuda.xml").is_file()
@@ -117,12 +150,19 @@ def test_failing_and_hanging_parts_are_reported_and_stopped(tmp_path):
         started, survived = tmp_path / "started", tmp_path / "survived"
         (tmp_path / "late.py").write_text(f"import time\nopen({str(started)!r}, 'w').close()\ntime.sleep(6)\n"
                                           f"open({str(survived)!r}, 'w').close()\n")
+        # it prints what a bench prints before its first timed step: the report keeps those figures
+        progress = [{"progress": "setup", "compile": True, "seconds": 1.5},
+                    {"progress": "step", "compile": True, "phase": "first", "step": 0, "seconds": 40.0}]
         (tmp_path / "hang.py").write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, "
-                                          f"{str(tmp_path / 'late.py')!r}])\ntime.sleep(60)\n")
+                                          f"{str(tmp_path / 'late.py')!r}])\n"
+                                          + "".join(f"print({json.dumps(line)!r}, flush=True)\n" for line in progress)
+                                          + "time.sleep(60)\n")
         hung = gpu_check.run_part(check, "hangs", 1, [sys.executable, str(tmp_path / "hang.py")],
-                                  gpu_check.parse_json, 5, log)
+                                  gpu_check.parse_bench, 5, log)
     assert failed["status"] == "failed" and failed["returncode"] == 3
     assert hung["status"] == "timed out" and hung["returncode"] is None and hung["seconds"] < 30
+    assert hung["results"] == {"complete": False, "runs": [{"compile": True, "complete": False, "setup_seconds": 1.5,
+                                                            "steps": [{"phase": "first", "step": 0, "seconds": 40.0}]}]}
     assert started.exists()  # the grandchild ran, and 6 s after its start it would have written `survived`
     time.sleep(7)
     assert not survived.exists()
@@ -148,3 +188,27 @@ def test_a_python_without_pytest_gets_one_line_in_the_report(tmp_path):
     assert parts["test_cuda"]["status"] == "failed"
     assert parts["test_cuda"]["detail"].startswith("pytest is not installed in this Python")
     assert "pytest is not installed" in (out / "gpu_check.md").read_text()
+
+
+def test_budgets_fit_the_total_and_a_stopped_test_run_names_its_test(tmp_path):
+    gpu_check = load_gpu_check()
+    parts = gpu_check.plan(gpu_check.Check(str(tmp_path), tiny=False, work=str(tmp_path)))
+    assert [name for name, *_ in parts] == PARTS
+    kept = [budget for name, budget, *_ in parts if name not in gpu_check.TAIL]
+    assert sum(kept) <= gpu_check.TOTAL_SECONDS - 10  # 10 s for this script's own work between parts and after them
+    # a part may use what the parts after it leave; a TAIL part only what is left, at most its budget
+    assert gpu_check.timeout_for("run", 55, remaining=300, later=100) == 200
+    assert gpu_check.timeout_for("run", 55, remaining=300, later=280) == 55
+    assert gpu_check.timeout_for("run", 55, remaining=30, later=0) == 30
+    assert gpu_check.timeout_for("hellaswag", 25, remaining=300, later=0) == 25
+    assert gpu_check.timeout_for("bench_max_autotune", None, remaining=140, later=0) == 140
+
+    output = ("tests/test_cuda.py::test_a PASSED                     [ 25%]\n"
+              "tests/test_cuda.py::test_b[muon] some output of the test\n"
+              "FAILED                                                  [ 50%]\n"
+              "tests/test_cuda.py::test_c SKIPPED (needs a CUDA GPU)    [ 75%]\n"
+              "tests/test_cuda.py::test_d[adamw] ")  # stopped here: no junit file was written
+    results = gpu_check.parse_tests(output, gpu_check.Check(str(tmp_path), tiny=False, work=str(tmp_path)))
+    assert [(test["name"], test["outcome"]) for test in results["tests"]] == [
+        ("test_a", "passed"), ("test_b[muon]", "failed"), ("test_c", "skipped"), ("test_d[adamw]", "running")]
+    assert results["running_when_stopped"] == "test_d[adamw]" and results["source"] == "pytest -v output"
