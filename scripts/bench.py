@@ -88,6 +88,7 @@ import torch  # noqa: E402
 
 from config import ConfigError, load_config  # noqa: E402
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap  # noqa: E402
+from gpt2_pretrain.compiling import compile_counts  # noqa: E402
 from gpt2_pretrain.distributed import DistInfo  # noqa: E402
 from gpt2_pretrain.dry_run import memory_estimate  # noqa: E402
 from gpt2_pretrain.errors import check_device  # noqa: E402
@@ -120,18 +121,16 @@ class FullLogitLoss(torch.nn.Module):
 
 
 def dynamo_counts():
-    """Dynamo's counts in this process so far (torch._dynamo.utils.counters): graphs compiled, frames, graph
-    breaks with their most common reasons, and inductor's FX graph cache hits and misses. All 0 where nothing
-    imported Dynamo (nothing was compiled): importing it only to read them costs a second of CPU."""
+    """compile_counts() (graphs, graph breaks, recompiles, what was compiled and what skipped) plus the most common
+    graph-break reasons and inductor's FX graph cache hits and misses. All 0 where nothing imported Dynamo
+    (nothing was compiled): importing it only to read them costs a second of CPU."""
+    counts = compile_counts()
     if "torch._dynamo" not in sys.modules:
-        return {"graphs": 0, "frames_compiled": 0, "graph_breaks": 0, "graph_break_reasons": {},
-                "fx_graph_cache_hits": 0, "fx_graph_cache_misses": 0}
+        return {**counts, "graph_break_reasons": {}, "fx_graph_cache_hits": 0, "fx_graph_cache_misses": 0}
     from torch._dynamo.utils import counters
 
-    breaks = counters["graph_break"]
-    return {"graphs": counters["stats"]["unique_graphs"], "frames_compiled": counters["frames"]["ok"],
-            "graph_breaks": sum(breaks.values()),
-            "graph_break_reasons": {reason[:300]: count for reason, count in breaks.most_common(5)},
+    return {**counts, "graph_break_reasons": {reason[:300]: count
+                                              for reason, count in counters["graph_break"].most_common(5)},
             "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
             "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"]}
 
