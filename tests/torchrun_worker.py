@@ -3,9 +3,10 @@ under --parallel=fsdp the whole parameters, gathered from the shards.
 
 TEST_FAIL_RANK=R with TEST_FAIL_MODE=raise|kill|data makes rank R raise (a bug), SIGKILL itself, or meet a
 user's mistake that only it sees (a DataError) on its third batch, to check that one failing rank ends the
-whole job and that its error reaches the user.
+whole job and that its error reaches the user. TEST_COMPILE_BACKEND=NAME: torch.compile with that backend.
 """
 
+import functools
 import os
 import signal
 import sys
@@ -44,6 +45,8 @@ def fail_after(calls, mode):
 def main():
     config = load_config(sys.argv[1:])
     info = setup_distributed(config.device)
+    if os.environ.get("TEST_COMPILE_BACKEND"):
+        torch.compile = functools.partial(torch.compile, backend=os.environ["TEST_COMPILE_BACKEND"])
     if info.rank == int(os.environ.get("TEST_FAIL_RANK", "-1")):
         fail_after(2, os.environ.get("TEST_FAIL_MODE", "raise"))
     try:
