@@ -11,7 +11,8 @@ of the padded vocabulary, -1 targets ignored. softcap > 0 caps the logits first:
 The chunk loop is one custom op (gpt2_pretrain::linear_cross_entropy), opaque to torch.compile: a compiled
 model calls it as one node, so the lm_head weight's gradient stays one float32 accumulator between forward
 and backward (traced, the loop kept a partial gradient per chunk alive). The per-chunk softmax is compiled
-on its own on CUDA and inside a compiled model: one kernel per chunk, no float32 (rows, V) buffer.
+on its own on CUDA and inside a compiled model: one kernel per chunk, no float32 (rows, V) buffer (with
+softcap, inductor keeps the capped logits as one).
 """
 
 import torch
