@@ -38,6 +38,9 @@ def test_loss_and_gradients_match_full_logits(monkeypatch, rows, channels, vocab
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     assert grads[0][::7].abs().max() == 0
+    with torch.no_grad():  # evaluation: the loss alone, by another path (F.cross_entropy per chunk)
+        torch.testing.assert_close(linear_cross_entropy(x, weight, targets, softcap=softcap), expected.detach(),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_all_rows_ignored_gives_nan_like_cross_entropy():
