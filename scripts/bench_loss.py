@@ -6,8 +6,11 @@ per-chunk softmax gradient alone, for the fused_loss.py in this tree or one from
     python scripts/bench_loss.py --compile --part chunk --bf16   # ... of bf16 logits, as under autocast
     git show be67c61:gpt2_pretrain/fused_loss.py > /tmp/old_loss.py
     python scripts/bench_loss.py --source /tmp/old_loss.py  # the same, timed on that commit's loss
+    python scripts/bench_loss.py --against /tmp/old_loss.py # both in one process, in turn, and their ratio
 
-Prints the median seconds of --steps timed steps after one untimed one (which compiles, with --compile).
+Prints the median seconds of --steps timed steps after one untimed one (which compiles, with --compile);
+with --against, the two run in turn (A B A B ...) and the median of the step-by-step ratios A/B is printed
+too, which holds on a loaded machine better than either median.
 """
 
 import argparse
@@ -26,8 +29,8 @@ import torch  # noqa: E402
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap  # noqa: E402
 
 
-def load_source(path):
-    spec = importlib.util.spec_from_file_location("fused_loss_under_test", path)
+def load_source(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # torch.compile looks the module of the traced code up by name
     spec.loader.exec_module(module)
@@ -45,6 +48,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=os.path.join(ROOT, "gpt2_pretrain", "fused_loss.py"),
                         help="a fused_loss.py to time (default: this tree's)")
+    parser.add_argument("--against", default=None, help="a second fused_loss.py, timed in turn with --source")
     parser.add_argument("--part", choices=["loss", "chunk"], default="loss",
                         help="loss: linear_cross_entropy forward + backward; chunk: the softmax gradient alone")
     parser.add_argument("--rows", type=int, default=1024)
@@ -59,7 +63,28 @@ def main():
     args = parser.parse_args()
     keep_large_allocations_on_heap()  # as train.py does
     torch.set_num_threads(args.threads)
-    module = load_source(args.source)
+    steps = {"A": make_step(load_source(args.source, "fused_loss_a"), args)}
+    if args.against:
+        steps["B"] = make_step(load_source(args.against, "fused_loss_b"), args)
+    seconds = {name: [] for name in steps}
+    for i in range(args.steps + 1):
+        for name, (step, inputs) in steps.items():
+            start = time.perf_counter()
+            step(*inputs)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - start)
+    print(f"part={args.part} compile={args.compile} bf16={args.bf16} rows={args.rows} channels={args.channels} "
+          f"vocab={args.vocab} steps={args.steps}")
+    for name, times in seconds.items():
+        print(f"{name}: first={times[0]:.3f}s median={statistics.median(times[1:]):.3f}s")
+    if args.against:
+        ratios = [a / b for a, b in zip(seconds["A"][1:], seconds["B"][1:])]
+        print(f"A/B: median={statistics.median(ratios):.3f} min={min(ratios):.3f} max={max(ratios):.3f}")
+
+
+def make_step(module, args):
+    """(step function, its inputs) timing `module`'s loss or per-chunk gradient, the same inputs each time."""
     generator = torch.Generator().manual_seed(0)
     targets = torch.randint(0, args.vocab, (args.rows,), generator=generator).to(args.device)
     targets[::10] = -1
@@ -79,17 +104,7 @@ def main():
             return loss.detach()
 
         inputs = (x, weight, targets)
-    if args.compile:
-        step = torch.compile(step, dynamic=False)
-    seconds = []
-    for i in range(args.steps + 1):
-        start = time.perf_counter()
-        step(*inputs)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    print(f"part={args.part} compile={args.compile} bf16={args.bf16} rows={args.rows} channels={args.channels} vocab={args.vocab} "
-          f"first={seconds[0]:.3f}s median={statistics.median(seconds[1:]):.3f}s")
+    return (torch.compile(step, dynamic=False) if args.compile else step), inputs
 
 
 if __name__ == "__main__":
