@@ -109,7 +109,7 @@ def chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype,
                 if grad_logits.dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.t(), x_valid)  # no (V, C) temporary per chunk
                 else:
-                    grad_weight += (grad_logits.t() @ x_valid).float()
+                    grad_weight += grad_logits.t() @ x_valid  # float32 += bf16 in place: no float32 temporary
             del logits, grad_logits
     return loss_sum, grad_x, grad_weight
 
