@@ -87,7 +87,7 @@ def chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype,
     with torch.autocast(x.device.type, enabled=False):  # the dtypes below are chosen by hand
         x_c, weight_c = x.to(dtype), weight.to(dtype)
         grad_x = torch.empty_like(x) if want_grad_x else x.new_empty(0)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_weight else x.new_empty(0)
+        grad_weight = None  # float32, made by the first chunk's product: no zeros to fill and add to
         loss_sum = torch.zeros((), device=x.device, dtype=torch.float32)
         step = rows_per_chunk(x.size(0), weight.size(0), x.device)
         for start in range(0, x.size(0), step):
@@ -106,11 +106,15 @@ def chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype,
                 grad_x[start:start + step] = (grad_logits @ weight_c) * valid
             if want_grad_weight:
                 x_valid = x_chunk * valid
-                if grad_logits.dtype == torch.float32:
+                if grad_weight is None:
+                    grad_weight = (grad_logits.t() @ x_valid).float()
+                elif grad_logits.dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.t(), x_valid)  # no (V, C) temporary per chunk
                 else:
-                    grad_weight += grad_logits.t() @ x_valid  # float32 += bf16 in place: no float32 temporary
+                    grad_weight += grad_logits.t() @ x_valid  # float32 += bf16 in place
             del logits, grad_logits
+    if grad_weight is None:
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_weight else x.new_empty(0)
     return loss_sum, grad_x, grad_weight
 
 
