@@ -12,7 +12,7 @@ The chunk loop is one custom op (gpt2_pretrain::linear_cross_entropy), opaque to
 model calls it as one node, so the lm_head weight's gradient stays one float32 accumulator between forward
 and backward (traced, the loop kept a partial gradient per chunk alive). The per-chunk softmax is compiled
 on its own on CUDA and inside a compiled model: one kernel per chunk, no float32 (rows, V) buffer (with
-softcap, inductor keeps the capped logits as one).
+softcap, inductor keeps float32 matrices of the capped logits).
 """
 
 import torch
@@ -38,13 +38,13 @@ def _chunk_loss_and_grad(logits, targets, softcap):
     valid = targets != -1
     safe_targets = torch.where(valid, targets, 0)[:, None]
     loss_sum = torch.where(valid, -logp.gather(1, safe_targets).squeeze(1), 0.0).sum()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and logits.dtype != torch.float32:
         # softmax - one-hot as one elementwise expression: inductor writes it in the logits' dtype in the
         # kernel that reads the logits, no float32 (rows, V) matrix in between
         probs = logp.exp()
         one_hot = torch.arange(z.size(1), device=z.device) == safe_targets
         grad = torch.where(one_hot, probs - 1, probs)
-    else:  # eager: in place, one (rows, V) float32 matrix in all
+    else:  # in place: the float32 matrix is the gradient itself (the faster of the two on float32 logits)
         grad = logp.exp_()
         grad.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1.0, dtype=grad.dtype))
     if softcap > 0:
