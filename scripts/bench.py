@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from config import ConfigError, load_config  # noqa: E402
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap  # noqa: E402
+from gpt2_pretrain.auto_batch import resolve_batch_size  # noqa: E402
 from gpt2_pretrain.distributed import DistInfo  # noqa: E402
 from gpt2_pretrain.errors import check_device  # noqa: E402
 from gpt2_pretrain.flops import device_peak_flops, format_mfu, mfu, model_flops_per_token  # noqa: E402
@@ -111,6 +112,7 @@ def main(argv=None):
     args, config_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(config_args)
+        config.batch_size = resolve_batch_size(config, model_config(config), 1)  # --batch_size=auto
         grad_accum_steps_for(config, 1)
         check_device(config.device)
     except ConfigError as e:
