@@ -270,8 +270,8 @@ def check_config(config):
     if config.peak_flops < 0:
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
     if not 0 <= config.memory_limit_gb < float("inf"):
-        raise ConfigError(f"config key 'memory_limit_gb' must be a finite number >= 0 (0: no limit); got "
-                          f"{config.memory_limit_gb}.")
+        raise ConfigError(f"config key 'memory_limit_gb' must be a finite number >= 0 (0: the device's free "
+                          f"memory); got {config.memory_limit_gb}.")
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
     if config.sample_tokens > 0 and config.vocab_size < N_VOCAB:
