@@ -47,8 +47,9 @@ class TrainConfig:
     data_dir: str = "data/fineweb10B"  # folder of uint16 .npy shards and manifest.json (data/prepare.py)
     shuffle: bool = True  # visit shards and windows in an order shuffled from the seed each epoch
     # batch
-    batch_size: int = 64  # sequences per micro-step per process
+    batch_size: int = 64  # sequences per micro-step per process; auto: the largest power of two that fits in memory
     total_batch_size: int = 524288  # tokens per optimizer step, over all processes and micro-steps (2**19)
+    memory_limit_gb: float = 0.0  # GiB per process that --batch_size=auto may plan for (0: the device's free memory)
     # optimizer and schedule
     optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
     max_steps: int = 19073  # optimizer steps; 19073 * 2**19 tokens is one pass over 10B tokens
@@ -109,6 +110,9 @@ CHOICES = {
     "activation_checkpointing": ("none", "full", "selective"),
     "wandb_mode": ("auto", "online", "offline", "disabled"),
 }
+# keys that also take a word besides a value of their type: batch_size=auto is resolved before the run starts
+# (gpt2_pretrain/auto_batch.py), so the run, its config.json and its checkpoints see a number
+ALSO_ACCEPTS = {"batch_size": "auto"}
 
 
 # the switches each --architecture sets, unless a config file or flag sets them itself (so an ablation is one
@@ -184,6 +188,8 @@ def _unknown_key(key, source):
 
 def _convert(key, value, target, source):
     """Coerce `value` (a Python object, or a string from the command line) to the field's type."""
+    if key in ALSO_ACCEPTS and isinstance(value, str) and value.strip() == ALSO_ACCEPTS[key]:
+        return ALSO_ACCEPTS[key]
     if isinstance(value, str) and target is not str:
         text = value.strip()
         if target is bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -197,8 +203,9 @@ def _convert(key, value, target, source):
     if target is int and isinstance(value, float) and value.is_integer():
         value = int(value)  # allow 1e8 for an integer key
     if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        word = f" or '{ALSO_ACCEPTS[key]}'" if key in ALSO_ACCEPTS else ""
         raise ConfigError(
-            f"config key '{key}' in {source} expects {target.__name__}, got {value!r} "
+            f"config key '{key}' in {source} expects {target.__name__}{word}, got {value!r} "
             f"({type(value).__name__})."
         )
     if key in CHOICES and value not in CHOICES[key]:
@@ -269,7 +276,7 @@ def check_config(config):
     positive += ["checkpoint_interval", "max_nonfinite_steps", "stop_check_interval", "stop_grace", "ac_every",
                  "hang_timeout_s"]
     for key in positive:
-        if getattr(config, key) <= 0:
+        if getattr(config, key) != ALSO_ACCEPTS.get(key) and getattr(config, key) <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {getattr(config, key)}.")
     if config.n_embd % config.n_head:
         raise ConfigError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}).")
@@ -297,6 +304,9 @@ def check_config(config):
                           "Muon's matrix_lr ...) follow its schedule.")
     if config.peak_flops < 0:
         raise ConfigError(f"peak_flops must not be negative; got {config.peak_flops}.")
+    if not 0 <= config.memory_limit_gb < float("inf"):
+        raise ConfigError(f"config key 'memory_limit_gb' must be a finite number >= 0 (0: the device's free "
+                          f"memory); got {config.memory_limit_gb}.")
     if config.min_lr > config.learning_rate:
         raise ConfigError(f"min_lr ({config.min_lr}) must not exceed learning_rate ({config.learning_rate}).")
     if config.sample_tokens > 0 and config.vocab_size < N_VOCAB:

@@ -34,6 +34,7 @@ from data.loader import DataError, DataLoader, split_tokens
 from data.tokenizer import decode, encode
 from gpt2_pretrain import console
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap
+from gpt2_pretrain.auto_batch import resolve_batch_size
 from gpt2_pretrain.checkpoint.checkpointer import Checkpointer
 from gpt2_pretrain.checkpoint.files import init_weights, list_checkpoints
 from gpt2_pretrain.compiling import eagerly
@@ -336,6 +337,7 @@ def main(argv=None):
     try:
         config = load_config(argv)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        config.batch_size = resolve_batch_size(config, model_config(config), world_size, log=print0)  # "auto"
         grad_accum_steps = grad_accum_steps_for(config, world_size)
     except ConfigError as e:
         fail(e)

@@ -1,6 +1,7 @@
 # GPT-2 XL (1.5B parameters) on FineWeb-Edu 10B, sharded with FSDP2 (--parallel=fsdp).
-# hardware: 8x 80 GB GPUs (A100/H100), one node or several. --dry_run estimates 45 GiB per GPU at batch_size 16
-# under fsdp (weights, gradients and AdamW state 2.9 GiB of it; 23 GiB under ddp), most of it activations.
+# hardware: 8x 80 GB GPUs (A100/H100), one node or several. --dry_run counts 48 GiB per GPU at batch_size 16
+# under fsdp (weights, gradients and AdamW state 2.9 GiB of it; 23 GiB under ddp), most of it activations;
+# 63 GiB with its margin. --activation_checkpointing=selective or full fits larger batches (docs/distributed.md).
 # data: python data/prepare.py --source HuggingFaceFW/fineweb-edu --name sample-10BT --out data/fineweb10B
 # time: not measured here; --dry_run says about 8 h on 8x H100 at 45% MFU (1e20 FLOPs).
 # lr: the GPT-3 paper's 1.3B model (2e-4, cosine to 10%). HellaSwag at each evaluation, as for 124M (the val

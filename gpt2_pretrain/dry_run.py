@@ -20,6 +20,24 @@ def meta_model(gpt_config):
         return GPT(gpt_config)
 
 
+# what a step holds besides the counted bytes, as (factor, fixed bytes): peak = factor * counted + fixed.
+# cuda, from GPT-2 124M at batch 64 compiled on one H100 (docs/benchmarks.md#gpt-2-124m-on-one-h100): 29.7 GiB
+# peak allocated against 24.2 counted (x1.23: the compiled graph's own choice of what to keep, the loss's
+# chunk buffers), plus the caching allocator's reserve above what is allocated; the fixed GiB for cuBLAS and
+# NCCL workspaces and the kernels loaded after start-up. cpu, from 124M steps at batch 8 under each
+# --activation_checkpointing (docs/benchmarks.md#activation-checkpointing-on-a-cpu): peak RSS up to 2.65 GiB
+# above the count (full, whose count is smallest): the interpreter and torch's libraries, and the heap's
+# holes, which keep_large_allocations_on_heap never gives back. docs/distributed.md#what-the-memory-estimate-
+# leaves-out says more.
+MARGIN = {"cuda": (1.3, 2**30), "cpu": (1.25, 2 * 2**30)}
+
+
+def peak_estimate(memory, device_type):
+    """The estimated peak bytes of a process: the counted bytes (memory_estimate) with the margin."""
+    factor, fixed = MARGIN["cuda" if device_type == "cuda" else "cpu"]
+    return factor * sum(memory.values()) + fixed
+
+
 def memory_estimate(config, n_params, bf16=True, shards=1, gathered_params=0, device_type="cuda"):
     """Bytes of GPU memory per process: fp32 weights, gradients, optimizer state, activations of one micro-batch.
 
@@ -69,16 +87,35 @@ def activation_bytes(config, bf16=True):
     return kept, block if checkpointed else 0
 
 
+def batch_peak(config, batch_size, n_params, device_type="cuda", **sharding):
+    """The estimated peak bytes (margin included) of one process of this run at another batch_size."""
+    trial = copy.copy(config)
+    trial.batch_size = batch_size
+    memory = memory_estimate(trial, n_params, bf16=device_type == "cuda", device_type=device_type, **sharding)
+    return peak_estimate(memory, device_type)
+
+
 def largest_batch_size(config, n_params, memory_bytes, **sharding):
-    """The largest batch_size whose memory_estimate fits in memory_bytes (0 when none does)."""
+    """The largest batch_size whose estimated peak fits in memory_bytes on a GPU (0 when none does)."""
     fits = 0
     for batch_size in range(1, 4097):
-        trial = copy.copy(config)
-        trial.batch_size = batch_size
-        if sum(memory_estimate(trial, n_params, **sharding).values()) > memory_bytes:
+        if batch_peak(config, batch_size, n_params, **sharding) > memory_bytes:
             break
         fits = batch_size
     return fits
+
+
+def sharding_options(model, world_size):
+    """memory_estimate's arguments for each --parallel: fsdp shards over the processes and holds the root
+    unit and two blocks gathered."""
+    block_params = sum(p.numel() for p in model.transformer.h[0].parameters())
+    gathered = model.num_params() - max(0, len(model.transformer.h) - 2) * block_params
+    return {"ddp": {}, "fsdp": dict(shards=world_size, gathered_params=gathered)}
+
+
+def margin_text(device_type):
+    factor, fixed = MARGIN["cuda" if device_type == "cuda" else "cpu"]
+    return f"x{factor:g} + {gib(fixed)}"
 
 
 def gib(n_bytes):
@@ -112,16 +149,17 @@ def host_lines(config, n_params, kind, world_size):
     """A CPU (or MPS) run: its memory in float32 against the RAM available, and no guessed time per step."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))  # the processes sharing this machine's RAM
     memory = memory_estimate(config, n_params, bf16=False, device_type=kind)
-    total = sum(memory.values()) * processes
+    total = peak_estimate(memory, kind) * processes
     ram = available_ram()
     against = f"{gib(ram)} RAM available now" if ram is not None else "RAM available unknown"
-    lines = [f"{kind.upper()} memory per process (this run, estimate, float32): "
-             + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
-             + f", total {gib(sum(memory.values()))}; {processes} process{'es' if processes > 1 else ''} on this "
+    lines = [f"{kind.upper()} memory per process (this run, activation_checkpointing={config.activation_checkpointing}"
+             f", estimate, float32): " + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
+             + f", total {gib(sum(memory.values()))}; peak with margin ({margin_text(kind)}) "
+             f"{gib(peak_estimate(memory, kind))}; {processes} process{'es' if processes > 1 else ''} on this "
              f"machine: {gib(total)} of {against}"]
     if ram is not None and total > ram:
         lines.append(f"warning: the estimate ({gib(total)}) is more than the RAM available ({gib(ram)}): lower "
-                     f"--batch_size (gradient accumulation keeps the tokens per step)")
+                     f"--batch_size, or let --batch_size=auto choose (gradient accumulation keeps the tokens per step)")
     lines.append(f"time per step on this {kind.upper()}: not estimated (no known peak FLOP/s): measure it with "
                  f"python scripts/bench.py and this run's config and flags (--device=cuda --dry_run gives GPU "
                  f"estimates)")
@@ -134,9 +172,7 @@ def dry_run_report(config, gpt_config, grad_accum_steps, world_size=1):
     n_params = model.num_params()
     per_token = model_flops_per_token(model)
     tokens_per_step = config.total_batch_size
-    block_params = sum(p.numel() for p in model.transformer.h[0].parameters())
-    gathered = n_params - max(0, gpt_config.n_layer - 2) * block_params  # the root unit and two blocks
-    sharding = {"ddp": {}, "fsdp": dict(shards=world_size, gathered_params=gathered)}
+    sharding = sharding_options(model, world_size)
     lines = [
         f"parameters: {n_params:,} ({model.num_params(non_embedding=True):,} without the position embedding)",
         f"world size: {world_size} | grad_accum_steps: {grad_accum_steps} | "
@@ -153,12 +189,14 @@ def dry_run_report(config, gpt_config, grad_accum_steps, world_size=1):
     for parallel, arguments in sharding.items():
         memory = memory_estimate(config, n_params, **arguments)
         chosen = ", this run" if parallel == config.parallel else ""
-        lines.append(f"GPU memory per process ({parallel}{chosen}, {processes}; estimate, bf16 autocast): "
+        lines.append(f"GPU memory per process ({parallel}{chosen}, {processes}, activation_checkpointing="
+                     f"{config.activation_checkpointing}; estimate, bf16 autocast): "
                      + ", ".join(f"{name} {gib(size)}" for name, size in memory.items())
-                     + f", total {gib(sum(memory.values()))}")
+                     + f", total {gib(sum(memory.values()))}; peak with margin ({margin_text(kind)}) "
+                     f"{gib(peak_estimate(memory, kind))}")
     fits = [f"{parallel} {largest_batch_size(config, n_params, 80e9, **arguments)}"
             for parallel, arguments in sharding.items()]
-    lines.append(f"largest batch_size whose estimate fits an 80 GB GPU: {', '.join(fits)}")
+    lines.append(f"largest batch_size whose estimated peak (margin included) fits an 80 GB GPU: {', '.join(fits)}")
     for name in ("H100", "A100"):
         seconds = per_token * tokens_per_step / (0.45 * peak_flops_for(name) * world_size)
         lines.append(f"time per step at 45% MFU on {world_size}x {name}: {seconds:.3g} s "

@@ -88,6 +88,7 @@ import torch  # noqa: E402
 
 from config import ConfigError, load_config  # noqa: E402
 from gpt2_pretrain.allocator import keep_large_allocations_on_heap  # noqa: E402
+from gpt2_pretrain.auto_batch import resolve_batch_size  # noqa: E402
 from gpt2_pretrain.compiling import compile_counts  # noqa: E402
 from gpt2_pretrain.distributed import DistInfo  # noqa: E402
 from gpt2_pretrain.dry_run import memory_estimate  # noqa: E402
@@ -291,6 +292,7 @@ def main(argv=None):
     args, config_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(config_args)
+        config.batch_size = resolve_batch_size(config, model_config(config), 1)  # --batch_size=auto
         grad_accum_steps_for(config, 1)
         check_device(config.device)
     except ConfigError as e:

@@ -56,6 +56,20 @@ def test_wrong_type_names_key_type_and_value(tmp_path):
         load_config([str(bad)])
 
 
+def test_batch_size_takes_auto_from_flags_and_files(tmp_path):
+    """batch_size is an int or the word auto (resolved before a run by gpt2_pretrain/auto_batch.py)."""
+    assert load_config(["--batch_size=auto"]).batch_size == "auto"
+    auto = tmp_path / "auto.py"
+    auto.write_text("batch_size = 'auto'\nmemory_limit_gb = 40\n")
+    assert (load_config([str(auto)]).batch_size, load_config([str(auto)]).memory_limit_gb) == ("auto", 40.0)
+    assert load_config([str(auto), "--batch_size=8"]).batch_size == 8
+    with pytest.raises(ConfigError, match="'batch_size'.*expects int or 'auto', got 'big'"):
+        load_config(["--batch_size=big"])
+    with pytest.raises(ConfigError, match="'memory_limit_gb' must be a finite number >= 0"):
+        load_config(["--memory_limit_gb=-1"])
+    assert "auto: the largest power of two that fits in memory" in help_text()
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config(["configs/nope.py"])

@@ -114,6 +114,10 @@ CASES = [  # (extra flags, with {data}/{out} filled in, what is done to the file
     (["--init_from={out}/hf", "--out_dir={out}/new"], damage_gpt2_folder, "is not a GPT-2 folder that can be read"),
     (["--resume={out}/notes.pt"], damage_resume_text, "not a checkpoint: train.py writes ckpt_STEP.pt"),
     (["--out_dir={out}/config.json/sub"], None, "cannot create or write --out_dir"),
+    (["--activation_checkpointing=some"], None, "'activation_checkpointing' in flag "
+                                                "'--activation_checkpointing=some' must be one of none, full, selective"),
+    (["--ac_every=0"], None, "config key 'ac_every' must be positive; got 0"),
+    (["--batch_size=auto", "--memory_limit_gb=0.25"], None, "--batch_size=auto: even batch_size=1 needs an estimated"),
 ]
 if not torch.cuda.is_available():
     CASES.append((["--device=cuda:1"], None, "--device=cuda:1 but " + (
