@@ -26,6 +26,12 @@ GPU_CHUNK_ELEMENTS = 2**28
 CPU_CHUNK_ELEMENTS = 2**26
 
 
+def cap_logits(z, softcap):
+    """softcap * tanh(z / softcap), in place in z (a chunk's own float32 logits): one (rows, V) matrix, not three,
+    about half the time on a CPU, where tanh over the padded vocabulary costs twice the cross-entropy."""
+    return z.div_(softcap).tanh_().mul_(softcap)
+
+
 def _chunk_loss_and_grad(logits, targets, softcap):
     """Summed loss of the valid rows and d(summed loss)/d(logits), in the logits' dtype.
 
@@ -33,7 +39,7 @@ def _chunk_loss_and_grad(logits, targets, softcap):
     rows), which is cheaper than masking all V columns here."""
     z = logits.float()  # the softmax in float32 whatever the matmul dtype
     if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
+        z = cap_logits(z, softcap)
     logp = torch.log_softmax(z, dim=-1)
     valid = targets != -1
     safe_targets = torch.where(valid, targets, 0)[:, None]
@@ -96,7 +102,7 @@ def chunked_loss(x: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype,
             logits = x_chunk @ weight_c.t()  # (rows, V): the only logits alive at once
             if not (want_grad_x or want_grad_weight):
                 if softcap > 0:
-                    logits = softcap * torch.tanh(logits.float() / softcap)
+                    logits = cap_logits(logits.float(), softcap)
                 loss_sum += F.cross_entropy(logits.float(), chunk_targets, ignore_index=-1, reduction="sum")
                 continue
             chunk_loss, grad_logits = chunk_loss_and_grad(logits, chunk_targets, softcap, compiled or x.is_cuda)
