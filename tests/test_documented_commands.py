@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # every test here starts torchrun or several proc
 
 PG_TIMEOUT = 120  # a healthy collective waits for the slowest rank: seconds under load, never minutes
 MAX_PROCESSES = 8  # the README's 2-node example (16 ranks) runs as one node of 8, its config's world size there
-BLOCK_SIZE = 16
+BLOCK_SIZE = 8  # the rows of every batch and evaluation go through the 50304-column head: the cost of a command
 STEPS = 2
 
 
@@ -105,7 +105,7 @@ def launched(tmp_path_factory):
     """Run the documented commands, plus a 2-rank fsdp run with uneven evaluation shares:
     {"documented": [(where, arguments)], "uneven": (out_dir, the 1-process reference's arguments)}."""
     tmp = tmp_path_factory.mktemp("commands")
-    # enough val windows for eval_iters * batch_size (20 * 64 for 124M) of block_size 16, and train windows
+    # enough val windows for eval_iters * batch_size (20 * 64 for 124M) of BLOCK_SIZE, and train windows
     data_dir = make_token_shards(str(tmp / "tokens"), train_tokens=40000, val_tokens=24000)
     hellaswag = tmp / "hellaswag.jsonl"
     write_examples(hellaswag)  # 3: ranks 3-7 of 8 have none
