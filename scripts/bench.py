@@ -258,6 +258,8 @@ def bench(config, steps, warmup, profile=None, progress=None, loss="chunked", sn
         "parallel": config.parallel, "loss": loss,
         "inductor_options": {option: bool((inductor_options or {}).get(option))
                              for option in ("coordinate_descent_tuning", "max_autotune")},
+        "activation_checkpointing": config.activation_checkpointing, "n_layer": config.n_layer,
+        "n_embd": config.n_embd,
         "batch_size": config.batch_size, "block_size": config.block_size, "parameters": raw_model.num_params(),
         "tokens_per_step": tokens_per_step, "grad_accum_steps": grad_accum_steps, "step_ms": 1000 * step_seconds,
         "median_step_ms": 1000 * statistics.median(timed), "tokens_per_sec": tokens_per_sec,

@@ -27,6 +27,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -60,11 +61,12 @@ BUDGETS = {
     "precision_ddp": 12,  # e 9: start 6, 20 uncompiled steps of 16 x 1024 tokens, a checkpoint
     "precision_fsdp": 12,  # e 9
     # TAIL: no time kept for these; each runs in what the parts above left, at most its budget (None: all of it)
+    "bench_activation_checkpointing": 120,  # e 100: 6 uncompiled processes (start 6, 3 steps of 2^17 tokens)
     "bench_coordinate_descent": 90,  # e 60: a new compile (tuning options change every kernel) and the tuning itself
     "hellaswag": 25,  # e 15: 128 examples, 3 rounds, the scoring graph compiled once
     "bench_max_autotune": None,  # e 150+: autotunes every matmul shape; last, so whatever it does costs nothing else
 }
-TAIL = ("bench_coordinate_descent", "hellaswag", "bench_max_autotune")
+TAIL = ("bench_activation_checkpointing", "bench_coordinate_descent", "hellaswag", "bench_max_autotune")
 TEST_TIMEOUT = 40  # seconds per GPU test (pytest-timeout): a hang names its test and the others still run
 BENCH_RUNS = [("adamw", "ddp"), ("muon", "ddp"), ("adamw", "fsdp"), ("muon", "fsdp")]  # compiled and not, each
 # MFU variants of adamw + ddp, compiled only: (part, bench.py flags). The first at its place in the order, the
@@ -74,10 +76,9 @@ BENCH_VARIANTS = [
     ("bench_coordinate_descent", ["--bench_coordinate_descent"]),
     ("bench_max_autotune", ["--bench_mode=max-autotune-no-cudagraphs"]),
 ]
-# Place for the activation-checkpointing part (the lead adds it, with its budget in BUDGETS, after
-# precision_fsdp and before TAIL): activation_checkpointing none/selective/full at 124M and at an XL-shaped
-# model with fewer layers, batch from --batch_size=auto:
-#     ("bench_activation_checkpointing", [...]),
+# bench_activation_checkpointing (first in TAIL): each --activation_checkpointing at 124M and at an XL-shaped model
+# with fewer layers (fsdp), the micro-batch from --batch_size=auto, uncompiled (each setting is another graph to
+# compile): peak memory against the dry run's estimate and the step time of each, one bench process a setting.
 SIZES = {
     "gpu": dict(device="cuda", compile=True, model=["configs/gpt2_124m.py"], bench_total_batch_size=2**19,
                 bench_steps=3, bench_warmup=1, run_total_batch_size=65536, learning_rate=6e-4, warmup_steps=5,
@@ -85,7 +86,9 @@ SIZES = {
                 sample_tokens=16, loss_drop=1.0, examples=128,
                 rounds=3, hellaswag_model=["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--block_size", "1024"],
                 val_tokens=100_000, plays=None, workers=8, bench_extra=[], precision_batch_size=16,
-                precision_total_batch_size=16384, precision_max_loss_gap=0.1),
+                precision_total_batch_size=16384, precision_max_loss_gap=0.1,
+                ac_models=[["configs/gpt2_124m.py"], ["configs/gpt2_xl_fsdp.py", "--n_layer=6"]],
+                ac_modes=("none", "selective", "full"), ac_total_batch_size=2**17),
     "tiny": dict(device="cpu", compile=False, model=["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=64"],
                  bench_total_batch_size=256, bench_steps=2, bench_warmup=1, bench_compile="off", run_total_batch_size=256,
                  learning_rate=3e-3, warmup_steps=2, max_steps=10, resume_steps=12, eval_iters=1, sample_tokens=4,
@@ -93,7 +96,7 @@ SIZES = {
                  hellaswag_model=["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "64"],
                  val_tokens=5_000, plays=["comedy_of_errors.txt", "cymbeline.txt"], workers=1,
                  bench_extra=["--vocab_size=128"], precision_batch_size=4, precision_total_batch_size=256,
-                 precision_max_loss_gap=0.1),
+                 precision_max_loss_gap=0.1, ac_models=[[]], ac_modes=("none", "full"), ac_total_batch_size=256),
 }
 TINY_BUDGET = 600  # seconds per part in --tiny mode: a cap for a CPU shared with other work (no compilation)
 HELLASWAG_WORDS = ("a man woman child dog is are runs walks jumps throws catches the ball into water kitchen table "
@@ -408,7 +411,14 @@ def plan(check):
             f"--parallel={parallel}")
         parts.append((f"precision_{parallel}", needs, [python, "train.py", *precision],
                       lambda output, check, parallel=parallel: parse_precision(output, check, parallel)))
-    # (the activation-checkpointing part goes here: see BENCH_VARIANTS)
+    # one bench process a setting, one after another in one shell, each printing its JSON lines as it goes
+    settings = [[python, "scripts/bench.py", *(model or s["model"]), f"--device={s['device']}", "--compile=False",
+                 "--wandb_mode=disabled", "--batch_size=auto", f"--total_batch_size={s['ac_total_batch_size']}",
+                 "--sample_tokens=0", *s["bench_extra"], f"--activation_checkpointing={mode}", "--bench_compile=off",
+                 f"--bench_steps={s['bench_steps']}", "--bench_warmup=1", "--bench_json"]
+                for model in s["ac_models"] for mode in s["ac_modes"]]
+    parts.append(("bench_activation_checkpointing", [], ["sh", "-c", "; ".join(map(shlex.join, settings))],
+                  parse_bench))
     parts.append(variants[1])
     parts.append(("hellaswag", [], [python, "scripts/bench_hellaswag.py", "--hellaswag_path", check.hellaswag_path,
                                     "--examples", str(s["examples"]), "--rounds", str(s["rounds"]), "--device",
@@ -541,6 +551,13 @@ def on_off(run):
     return "on" if run["compile"] else "off"
 
 
+def part_label(name, run):
+    """The part's name; for the activation-checkpointing part, the model and the setting of each of its runs."""
+    if name != "bench_activation_checkpointing":
+        return name
+    return f"{name}: {run['n_layer']} x {run['n_embd']} {run['parallel']}, {run['activation_checkpointing']}"
+
+
 def bench_markdown(parts):
     """The benchmarks' section: speed, compilation, memory, Muon's host read, runs stopped part-way."""
     runs = [(name, run) for name, part in parts.items() if name.startswith("bench_")
@@ -559,7 +576,7 @@ def bench_markdown(parts):
         for name, r in done:
             tuning = ", ".join(option for option, on in r["inductor_options"].items() if on) or "default"
             compile_seconds = f" ({r['compile_seconds']:.1f} s)" if r["compile_seconds"] is not None else ""
-            lines.append(f"| {name} | {on_off(r)} | {r['loss']} | {tuning} | {r['batch_size']} x {r['block_size']} | "
+            lines.append(f"| {part_label(name, r)} | {on_off(r)} | {r['loss']} | {tuning} | {r['batch_size']} x {r['block_size']} | "
                          f"{r['step_ms']:.0f} ms | {r['tokens_per_sec']:,.0f} | {format_mfu(r['mfu'])} | "
                          f"{r['first_step_seconds']:.1f} s{compile_seconds} | {r['graphs']}, {r['graph_breaks']} | "
                          f"{r['fx_graph_cache_hits']}, {r['fx_graph_cache_misses']} |")
@@ -567,7 +584,7 @@ def bench_markdown(parts):
                   "allocator retries | `--dry_run` estimate | process peak |", "|---|---|---|---|---|---|---|"]
         for name, r in done:
             retries = "n/a" if r["alloc_retries"] is None else r["alloc_retries"]
-            lines.append(f"| {name} | {on_off(r)} | {size_text(r['first_step_peak_allocated'])}, "
+            lines.append(f"| {part_label(name, r)} | {on_off(r)} | {size_text(r['first_step_peak_allocated'])}, "
                          f"{size_text(r['first_step_peak_reserved'])} | {size_text(r['steady_peak_allocated'])}, "
                          f"{size_text(r['steady_peak_reserved'])} | {retries} | {size_text(r['dry_run_estimate_bytes'])} | "
                          f"{size_text(r['memory_bytes'])} ({r['memory_kind']}) |")

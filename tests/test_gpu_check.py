@@ -30,7 +30,7 @@ sys.meta_path.insert(0, Blocked())
 """
 PARTS = ["environment", "bench_adamw_ddp", "bench_muon_ddp", "bench_adamw_fsdp", "bench_muon_fsdp", "bench_full_logits",
          "test_cuda", "prepare", "run", "resume", "precision_ddp", "precision_fsdp",
-         "bench_coordinate_descent", "hellaswag", "bench_max_autotune"]
+         "bench_activation_checkpointing", "bench_coordinate_descent", "hellaswag", "bench_max_autotune"]
 CUDA_ONLY = ("first_step_peak_allocated", "first_step_peak_reserved", "steady_peak_allocated", "steady_peak_reserved",
              "alloc_retries", "memory_snapshot", "memory_snapshot_bytes")
 
@@ -101,7 +101,8 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
     assert [(b["optimizer"], b["parallel"]) for b in bench] == [("adamw", "ddp"), ("adamw", "fsdp"),
                                                                  ("muon", "ddp"), ("muon", "fsdp")]
     estimate = tiny_bench_estimate()
-    variants = {name: parts[name]["results"] for name in PARTS if name.startswith("bench_")}
+    variants = {name: parts[name]["results"] for name in PARTS
+                if name.startswith("bench_") and name != "bench_activation_checkpointing"}
     for name, b in variants.items():
         assert b["tokens_per_sec"] > 0 and b["memory_gib"] > 0 and b["complete"]
         assert b["dry_run_estimate_gib"] == estimate / 2**30  # dry_run.memory_estimate for the tiny config
@@ -118,6 +119,13 @@ def test_tiny_check_runs_every_part_without_wandb_or_datasets(tmp_path):
                                            "max_autotune": name == "bench_max_autotune"}
         assert (run["step_ms_without_host_read"] > 0) if name.startswith("bench_muon") else (
             run["step_ms_without_host_read"] is None)  # muon only: adamw skips a NaN step on the device
+    # activation checkpointing: one process a setting, the batch from --batch_size=auto (256 tokens a step of
+    # 64-token rows: at most 4), the estimate's saved activations falling with full checkpointing
+    checkpointing = parts["bench_activation_checkpointing"]["results"]["runs"]
+    assert [run["activation_checkpointing"] for run in checkpointing] == ["none", "full"]
+    assert all(run["complete"] and run["batch_size"] == 4 and run["memory_bytes"] > 0 for run in checkpointing)
+    none, full = (run["dry_run_estimate"]["activations"] for run in checkpointing)
+    assert full < none
     assert parts["hellaswag"]["results"]["batched_examples_per_sec"] > 0
     assert parts["hellaswag"]["results"]["same_scores"] is True  # float32 on CPU: both scorers agree exactly
     run, resume = parts["run"]["results"], parts["resume"]["results"]
