@@ -36,9 +36,10 @@ train: data
 	$(PY) train.py configs/shakespeare.py
 	$(PY) scripts/plot.py out/shakespeare/metrics.jsonl --out out/shakespeare/loss.png
 
-# pytest-xdist: one worker a core, at most 4 (most tests start processes of their own: torchrun ranks);
+# pytest-xdist: one worker more than the cores, at most 4 (most tests start processes of their own: torchrun
+# ranks; the extra worker uses the core a test leaves idle while it waits on a signal, a delay or a restart);
 # worksteal hands a worker that runs dry the tests queued on a busy one. TEST_WORKERS=0 runs in this process
-TEST_WORKERS ?= auto
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 PYTEST := -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal
 
 test: $(VENV)/.installed-dev

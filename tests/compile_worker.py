@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 tests/compile_worker.py OUT_ROOT TRAIN_ARGS...
 
 Trains with TRAIN_ARGS (fsdp, evaluations, a sample and HellaSwag) into OUT_ROOT/eager, then compiled as
-train.py compiles (inductor) into OUT_ROOT/compiled, then compiled with --activation_checkpointing=full into
+train.py compiles (inductor, or the backend TEST_COMPILED_BACKEND names) into OUT_ROOT/compiled, then compiled with --activation_checkpointing=full into
 OUT_ROOT/compiled_ac with the aot_eager backend (dynamo's and autograd's graphs run as they are, without
 inductor's C++ compilation of a second set); after each compiled run, compiling.compile_counts() of that run
 goes to its folder as compile_counts_rank{R}.json. Last, the order this code had before: the tiny model
@@ -26,6 +26,10 @@ from gpt2_pretrain.distributed import setup_distributed, teardown_distributed  #
 from gpt2_pretrain.parallel import shard_model  # noqa: E402
 
 
+# TEST_COMPILED_BACKEND: the backend of the "compiled" run (inductor, train.py's, unless the test names another)
+COMPILED_BACKEND = os.environ.get("TEST_COMPILED_BACKEND", "inductor")
+
+
 def old_order_counts(info):
     """compile_counts() of one training step of the tiny model compiled whole after fully_shard."""
     torch._dynamo.reset()
@@ -42,7 +46,7 @@ def main():
     info = setup_distributed("cpu")
     compile_with = torch.compile
     try:
-        for run, extra, backend in (("eager", [], None), ("compiled", ["--compile"], "inductor"),
+        for run, extra, backend in (("eager", [], None), ("compiled", ["--compile"], COMPILED_BACKEND),
                                     ("compiled_ac", ["--compile", "--activation_checkpointing=full"], "aot_eager")):
             out_dir = os.path.join(out_root, run)
             torch._dynamo.reset()  # each run compiles its own graphs
