@@ -150,6 +150,35 @@ def spread(values):
             "min": float(values.min()), "max": float(values.max()), "n": len(values)}
 
 
+def sweep_then_tune(train, lrs, seeds, jobs):
+    """Each lr of lrs[name] on the first seed, then each name's best lr on every seed, `jobs` runs at a time:
+    (sweep {(name, lr): record}, best_lr {name: lr}, tuned {(name, seed): record}). train(name, lr, seed)."""
+    with ThreadPoolExecutor(jobs) as pool:
+        sweep = {(name, lr): pool.submit(train, name, lr, seeds[0]) for name in lrs for lr in lrs[name]}
+        sweep = {key: future.result() for key, future in sweep.items()}
+        best_lr = {name: pick_best({lr: final_loss(sweep[(name, lr)]) for lr in lrs[name]}) for name in lrs}
+        tuned = {(name, seed): pool.submit(train, name, best_lr[name], seed) for name in lrs for seed in seeds}
+        tuned = {key: future.result() for key, future in tuned.items()}
+    return sweep, best_lr, tuned
+
+
+def entry(record):
+    """A run's record as the report keeps it."""
+    loss = final_loss(record)
+    return {"final_val_loss": loss if math.isfinite(loss) else None, "curve": record["curve"],
+            "finished": record["finished"], "wall_s": record["wall_s"], "flags": record["flags"]}
+
+
+def write_result(result, table, out, stem):
+    """out/stem.json and out/stem.md, and the table printed."""
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wall time {result['wall_s'] / 60:.1f} min; written to {out}")
+
+
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -256,17 +285,7 @@ def main(argv=None):
         return train_run(os.path.join(args.out, f"{opt}_lr{lr:g}_seed{seed}"), run_flags(opt, lr, seed, args),
                          threads)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        sweep_runs = {(opt, lr): pool.submit(train, opt, lr, sweep_seed) for opt in lrs for lr in lrs[opt]}
-        sweep_runs = {key: future.result() for key, future in sweep_runs.items()}
-        best_lr = {opt: pick_best({lr: final_loss(sweep_runs[(opt, lr)]) for lr in lrs[opt]}) for opt in lrs}
-        tuned = {(opt, seed): pool.submit(train, opt, best_lr[opt], seed) for opt in lrs for seed in args.seeds}
-        tuned = {key: future.result() for key, future in tuned.items()}
-
-    def entry(record):
-        loss = final_loss(record)
-        return {"final_val_loss": loss if math.isfinite(loss) else None, "curve": record["curve"],
-                "finished": record["finished"], "wall_s": record["wall_s"], "flags": record["flags"]}
+    sweep_runs, best_lr, tuned = sweep_then_tune(train, lrs, args.seeds, args.jobs)
 
     curves = {opt: {seed: tuned[(opt, seed)]["curve"] for seed in args.seeds} for opt in lrs}
     fractions = step_fractions(curves["muon"], curves["adamw"])
@@ -292,14 +311,8 @@ def main(argv=None):
                      "summary": spread(list(fractions.values()))},
         "wall_s": round(time.time() - started, 1),
     }
-    with open(os.path.join(args.out, "optimizer_comparison.json"), "w") as f:
-        json.dump(result, f, indent=1)
     plot(result, os.path.join(args.out, "optimizer_comparison.png"))
-    table = report(result)
-    with open(os.path.join(args.out, "optimizer_comparison.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"wall time {result['wall_s'] / 60:.1f} min; written to {args.out}")
+    write_result(result, report(result), args.out, "optimizer_comparison")
     return 0
 
 

@@ -20,20 +20,18 @@ when the flags are the same); any other --key=value flag is passed on to train.p
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.shards import write_shard  # noqa: E402
-from scripts.compare_optimizers import (CompareError, final_loss, git_commit, pick_best, run_flags,  # noqa: E402
-                                        spread, step_fractions, sweep_edge, train_run)
+from scripts.compare_optimizers import (CompareError, entry, git_commit, run_flags, spread,  # noqa: E402
+                                        step_fractions, sweep_edge, sweep_then_tune, train_run, write_result)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "gpt2_adamw"
@@ -123,17 +121,7 @@ def main(argv=None):
         return train_run(os.path.join(args.out, f"{recipe}_lr{lr:g}_seed{seed}"), recipe_flags(recipe, lr, seed, args),
                          threads)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        sweep = {(r, lr): pool.submit(train, r, lr, args.seeds[0]) for r in RECIPES for lr in lrs[r]}
-        sweep = {key: future.result() for key, future in sweep.items()}
-        best_lr = {r: pick_best({lr: final_loss(sweep[(r, lr)]) for lr in lrs[r]}) for r in RECIPES}
-        tuned = {(r, seed): pool.submit(train, r, best_lr[r], seed) for r in RECIPES for seed in args.seeds}
-        tuned = {key: future.result() for key, future in tuned.items()}
-
-    def entry(record):
-        loss = final_loss(record)
-        return {"final_val_loss": loss if math.isfinite(loss) else None, "curve": record["curve"],
-                "finished": record["finished"], "wall_s": record["wall_s"], "flags": record["flags"]}
+    sweep, best_lr, tuned = sweep_then_tune(train, lrs, args.seeds, args.jobs)
 
     curves = {r: {seed: tuned[(r, seed)]["curve"] for seed in args.seeds} for r in RECIPES}
     # per seed: the steps a recipe needs to reach that seed's baseline final val loss, over the baseline's steps
@@ -156,13 +144,7 @@ def main(argv=None):
                          "summary": spread(list(fractions[r].values()))} for r in RECIPES},
         "wall_s": round(time.time() - started, 1),
     }
-    with open(os.path.join(args.out, "recipe_comparison.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    table = report(result)
-    with open(os.path.join(args.out, "recipe_comparison.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"wall time {result['wall_s'] / 60:.1f} min; written to {args.out}")
+    write_result(result, report(result), args.out, "recipe_comparison")
     return 0
 
 
